@@ -1,0 +1,101 @@
+// SPDX-License-Identifier: Apache-2.0
+#include "common/fd.h"
+
+#include <fcntl.h>
+#include <fmt/format.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstdio>
+
+namespace matchlock {
+
+void Fd::reset(int fd) {
+  if (fd_ >= 0) {
+    // Linux always releases the descriptor, even on EINTR; retrying could close a reused fd.
+    (void)::close(fd_);
+  }
+  fd_ = fd;
+}
+
+Result<Fd> Fd::dup() const {
+  int fd = ::fcntl(fd_, F_DUPFD_CLOEXEC, 0);
+  if (fd < 0) {
+    return makeError(Errc::System, "dup", errno);
+  }
+  return Fd(fd);
+}
+
+Result<Pipe> Pipe::create(int extra_flags) {
+  int fds[2];
+  if (::pipe2(fds, O_CLOEXEC | extra_flags) != 0) {
+    return makeError(Errc::System, "pipe2", errno);
+  }
+  return Pipe{Fd(fds[0]), Fd(fds[1])};
+}
+
+Result<Fd> openFile(const std::string& path, int flags, unsigned mode) {
+  int fd = ::open(path.c_str(), flags | O_CLOEXEC, mode);
+  if (fd < 0) {
+    int err = errno;
+    Errc code = err == ENOENT                     ? Errc::NotFound
+                : (err == EACCES || err == EPERM) ? Errc::PermissionDenied
+                                                  : Errc::System;
+    return makeError(code, fmt::format("open {}", path), err);
+  }
+  return Fd(fd);
+}
+
+Result<std::string> readFile(const std::string& path) {
+  ML_ASSIGN_OR_RETURN(Fd fd, openFile(path, O_RDONLY));
+  std::string out;
+  char buf[65536];
+  for (;;) {
+    ssize_t n = ::read(fd.get(), buf, sizeof(buf));
+    if (n < 0) {
+      if (errno == EINTR) {
+        continue;
+      }
+      return makeError(Errc::System, fmt::format("read {}", path), errno);
+    }
+    if (n == 0) {
+      break;
+    }
+    out.append(buf, static_cast<size_t>(n));
+  }
+  return out;
+}
+
+Status writeFileAtomic(const std::string& path, std::string_view data, unsigned mode) {
+  std::string tmp = fmt::format("{}.tmp.{}", path, ::getpid());
+  {
+    ML_ASSIGN_OR_RETURN(Fd fd, openFile(tmp, O_WRONLY | O_CREAT | O_TRUNC, mode));
+    size_t off = 0;
+    while (off < data.size()) {
+      ssize_t n = ::write(fd.get(), data.data() + off, data.size() - off);
+      if (n < 0) {
+        if (errno == EINTR) {
+          continue;
+        }
+        int err = errno;
+        (void)::unlink(tmp.c_str());
+        return makeError(Errc::System, fmt::format("write {}", tmp), err);
+      }
+      off += static_cast<size_t>(n);
+    }
+    if (::fsync(fd.get()) != 0) {
+      int err = errno;
+      (void)::unlink(tmp.c_str());
+      return makeError(Errc::System, fmt::format("fsync {}", tmp), err);
+    }
+  }
+  if (::rename(tmp.c_str(), path.c_str()) != 0) {
+    int err = errno;
+    (void)::unlink(tmp.c_str());
+    return makeError(Errc::System, fmt::format("rename {} -> {}", tmp, path), err);
+  }
+  return ok();
+}
+
+}  // namespace matchlock
