@@ -1,0 +1,109 @@
+// SPDX-License-Identifier: Apache-2.0
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace matchlock::spec {
+
+inline constexpr double kDefaultCpus = 1.0;
+inline constexpr int64_t kDefaultMemoryMib = 512;
+inline constexpr int64_t kDefaultDiskMib = 5120;
+inline constexpr int kDefaultMtu = 1500;
+inline constexpr const char* kDefaultPortAddress = "127.0.0.1";
+
+enum class MountMode { Overlay, ReadWrite, ReadOnly, Memory };
+enum class RestartPolicy { No, OnFailure, Always, UnlessStopped };
+
+struct Mount {
+  std::string source;  ///< absolute host path; empty for Memory
+  std::string target;  ///< absolute guest path
+  MountMode mode = MountMode::Overlay;
+  bool operator==(const Mount&) const = default;
+};
+
+struct PortForward {
+  int host = 0;
+  int guest = 0;
+  std::string address = kDefaultPortAddress;
+  std::string protocol = "tcp";
+  bool operator==(const PortForward&) const = default;
+};
+
+/// Where a secret's value comes from. The value itself is never part of a spec, except for
+/// Inline secrets which only the JSON-RPC path creates; those live in memory only.
+struct SecretRef {
+  enum class Kind { Env, File, Command, Inline };
+  std::string name;  ///< env var name the guest sees (holding a placeholder)
+  Kind kind = Kind::Env;
+  std::string env_var;               ///< Kind::Env
+  std::string file;                  ///< Kind::File, absolute
+  std::vector<std::string> command;  ///< Kind::Command
+  std::string inline_value;          ///< Kind::Inline; never serialized
+  std::string placeholder;           ///< optional fixed placeholder (RPC)
+  std::vector<std::string> hosts;    ///< host patterns allowed to receive the value
+  bool operator==(const SecretRef&) const = default;
+};
+
+struct Healthcheck {
+  std::vector<std::string> test;
+  int64_t interval_ms = 30000;
+  int64_t timeout_ms = 30000;
+  int64_t start_period_ms = 0;
+  int retries = 3;
+  bool operator==(const Healthcheck&) const = default;
+};
+
+struct NetworkSpec {
+  bool no_network = false;
+  std::vector<std::string> allow_hosts;  ///< lower-case patterns
+  bool block_private_ips = true;
+  std::vector<std::string> dns_servers = {"8.8.8.8", "8.8.4.4"};
+  std::map<std::string, std::string> add_hosts;  ///< host name -> IP
+  int mtu = kDefaultMtu;
+  bool intercept = false;
+  bool operator==(const NetworkSpec&) const = default;
+};
+
+/// One sandbox, fully defaulted and validated.
+struct SandboxSpec {
+  std::string name;
+  std::string source_file;  ///< spec file it came from ("" for RPC)
+  std::string image;
+  double cpus = kDefaultCpus;
+  int64_t memory_mib = kDefaultMemoryMib;
+  int64_t disk_mib = kDefaultDiskMib;
+  std::map<std::string, std::string> env;
+  std::optional<std::string> workdir;
+  std::optional<std::string> user;
+  std::optional<std::vector<std::string>> command;
+  std::optional<std::vector<std::string>> entrypoint;
+  std::string hostname;
+  bool privileged = false;
+  std::map<std::string, std::string> labels;
+  std::vector<std::string> depends_on;
+  RestartPolicy restart = RestartPolicy::No;
+  std::optional<Healthcheck> healthcheck;
+  NetworkSpec network;
+  std::vector<SecretRef> secrets;
+  std::vector<Mount> mounts;
+  std::vector<PortForward> ports;
+  bool operator==(const SandboxSpec&) const = default;
+};
+
+/// A project: the union of the sandboxes of one or more spec files.
+struct Project {
+  std::string name;
+  std::vector<std::string> files;
+  std::map<std::string, SandboxSpec> sandboxes;
+  bool operator==(const Project&) const = default;
+};
+
+std::string_view toString(MountMode m);
+std::string_view toString(RestartPolicy r);
+std::string_view toString(SecretRef::Kind k);
+
+}  // namespace matchlock::spec
