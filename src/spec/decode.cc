@@ -586,7 +586,7 @@ class Decoder {
       return good;
     };
     auto from_host = [&](const std::string& key,
-                        const std::string& p) -> std::optional<std::string> {
+                         const std::string& p) -> std::optional<std::string> {
       // `KEY` without a value (list form) or `KEY:` with null takes the host's value, as
       // `docker run -e KEY` does.
       if (const char* hv = std::getenv(key.c_str()); hv != nullptr) {
@@ -1014,7 +1014,7 @@ void checkProject(const Project& project, const std::map<std::string, SandboxLoc
     for (size_t i = 0; i < s.depends_on.size(); ++i) {
       if (!project.sandboxes.contains(s.depends_on[i])) {
         diag_at(name, fmt::format("/depends_on/{}", i),
-               fmt::format("depends on unknown sandbox '{}'", s.depends_on[i]));
+                fmt::format("depends on unknown sandbox '{}'", s.depends_on[i]));
       }
     }
   }
@@ -1035,7 +1035,7 @@ void checkProject(const Project& project, const std::map<std::string, SandboxLoc
         std::vector<std::string> cycle(from, stack.end());
         cycle.push_back(dep);
         diag_at(n, fmt::format("/depends_on/{}", i),
-               fmt::format("dependency cycle: {}", join(cycle, " -> ")));
+                fmt::format("dependency cycle: {}", join(cycle, " -> ")));
       } else if (colour[dep] == 0) {
         visit(dep);
       }
@@ -1059,8 +1059,8 @@ void checkProject(const Project& project, const std::map<std::string, SandboxLoc
       auto [it, inserted] = owners.emplace(std::make_pair(p.address, p.host), name);
       if (!inserted && it->second != name) {
         diag_at(name, fmt::format("/ports/{}", i),
-               fmt::format("host port {}:{} is already published by sandbox '{}'", p.address,
-                           p.host, it->second));
+                fmt::format("host port {}:{} is already published by sandbox '{}'", p.address,
+                            p.host, it->second));
       }
     }
   }

@@ -1,0 +1,12 @@
+# SPDX-License-Identifier: Apache-2.0
+# The Debian packages matchlock needs to build, run and test. Sourced by scripts/setup.
+ML_DEPS=(
+  # toolchain
+  build-essential cmake ninja-build ccache pkg-config git file
+  clang-14 clang-format-14 clang-tidy-14 libclang-rt-14-dev
+  # libraries (see docs/architecture.md for who uses what)
+  libtomlplusplus-dev libyaml-cpp-dev libcli11-dev nlohmann-json3-dev libexpected-dev
+  libspdlog-dev libfmt-dev libsqlite3-dev libssl-dev libvalijson-dev catch2
+  # tools used at run time and by tests
+  sqlite3 python3 python3-pytest python3-jsonschema python3-yaml
+)
