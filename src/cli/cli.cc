@@ -3,10 +3,8 @@
 
 #include <fmt/format.h>
 
-#include <cstdio>
 #include <cstdlib>
 #include <string>
-#include <vector>
 
 #include <CLI/CLI.hpp>
 
@@ -20,11 +18,15 @@ namespace {
 
 constexpr int kUsageExit = 64;  // EX_USAGE
 
+}  // namespace
+
 std::string versionLine() {
   return fmt::format("matchlock {} (commit: {}, built: {})", kVersion, kGitCommit, kBuildDate);
 }
 
-}  // namespace
+void CommandContext::finish(const Status& status) {
+  exit_code = status ? 0 : reportError(status.error());
+}
 
 int run(int argc, char** argv) {
   CLI::App app{
@@ -42,46 +44,9 @@ int run(int argc, char** argv) {
       ->check(CLI::IsMember({"trace", "debug", "info", "warn", "error", "critical", "off"}))
       ->each([](const std::string& level) { log::init(level); });
 
-  int exit_code = 0;
-  auto finish = [&](Status st) { exit_code = st ? 0 : reportError(st.error()); };
-
-  // validate
-  ValidateOptions validate_opts;
-  auto* validate = app.add_subcommand("validate",
-                                      "Check spec files and report every error with "
-                                      "file:line:col (exit 65 when any is invalid)");
-  validate->add_option("-f,--file", validate_opts.paths, "Spec file or directory (repeatable)")
-      ->required();
-  validate->add_option("-p,--project", validate_opts.project, "Project name override");
-  validate->add_option("-o,--output", validate_opts.output, "human or json")
-      ->check(CLI::IsMember({"human", "json"}));
-  validate->add_flag("-q,--quiet", validate_opts.quiet, "Print errors only");
-  validate->callback([&] { exit_code = runValidate(validate_opts); });
-
-  // config
-  ConfigOptions config_opts;
-  auto* config = app.add_subcommand("config",
-                                    "Print the normalized, interpolated spec (secrets "
-                                    "as references, never values)");
-  config->add_option("-f,--file", config_opts.paths, "Spec file or directory (repeatable)")
-      ->required();
-  config->add_option("-p,--project", config_opts.project, "Project name override");
-  config->add_option("-o,--output", config_opts.output, "yaml or json")
-      ->check(CLI::IsMember({"yaml", "json"}));
-  config->callback([&] { finish(runConfig(config_opts)); });
-
-  // version
-  auto* version = app.add_subcommand("version", "Print the version");
-  version->callback([&] { fmt::print("{}\n", versionLine()); });
-
-  // completion
-  std::string shell = "bash";
-  auto* completion = app.add_subcommand("completion",
-                                        "Print a shell completion script "
-                                        "(bash or zsh, e.g. "
-                                        "`source <(matchlock completion bash)`)");
-  completion->add_option("shell", shell, "bash or zsh")->check(CLI::IsMember({"bash", "zsh"}));
-  completion->callback([&] { fmt::print("{}", completionScript(app, shell)); });
+  CommandContext ctx;
+  addSpecCommands(app, ctx);
+  addMiscCommands(app, ctx);
 
   try {
     app.parse(argc, argv);
@@ -95,7 +60,7 @@ int run(int argc, char** argv) {
     app.exit(e);
     return e.get_exit_code() == 0 ? 0 : kUsageExit;
   }
-  return exit_code;
+  return ctx.exit_code;
 }
 
 }  // namespace matchlock::cli

@@ -2,7 +2,6 @@
 #pragma once
 
 #include <string>
-#include <vector>
 
 #include "common/result.h"
 
@@ -12,21 +11,21 @@ class App;
 
 namespace matchlock::cli {
 
-struct ValidateOptions {
-  std::vector<std::string> paths;
-  std::string project;
-  std::string output = "human";
-  bool quiet = false;
+/// Shared by every command: where a command leaves its exit code.
+struct CommandContext {
+  int exit_code = 0;
+  /// Sets the exit code from a Status, printing the error the standard way.
+  void finish(const Status& status);
 };
-/// Returns the exit code: 0 valid, 65 invalid, others for I/O errors.
-int runValidate(const ValidateOptions& options);
 
-struct ConfigOptions {
-  std::vector<std::string> paths;
-  std::string project;
-  std::string output = "yaml";
-};
-Status runConfig(const ConfigOptions& options);
+// Each command group registers its subcommands (options, help, callback) on the root app. A
+// group's option structs are owned by its callbacks. Add a group by adding a file and a line in
+// cli.cc.
+void addSpecCommands(CLI::App& app, CommandContext& ctx);  // validate, config
+void addMiscCommands(CLI::App& app, CommandContext& ctx);  // version, completion
+
+/// `matchlock <version> (commit: <sha>, built: <date>)`, as upstream prints it.
+std::string versionLine();
 
 /// A completion script for `shell` covering every subcommand and option of `app`.
 std::string completionScript(const CLI::App& app, const std::string& shell);
