@@ -9,4 +9,6 @@ ML_DEPS=(
   libspdlog-dev libfmt-dev libsqlite3-dev libssl-dev libvalijson-dev catch2
   # tools used at run time and by tests
   sqlite3 python3 python3-pytest python3-jsonschema python3-yaml
+  # guest kernel (guest/kernel/build.sh) and the VMM
+  linux-source-6.1 bc bison flex libelf-dev cpio xz-utils qemu-system-x86
 )
