@@ -21,6 +21,8 @@ std::string_view errcName(Errc code) {
       return "unavailable";
     case Errc::PermissionDenied:
       return "permission_denied";
+    case Errc::Protocol:
+      return "protocol";
     case Errc::System:
       return "system";
     case Errc::Internal:
@@ -42,6 +44,8 @@ int exitCodeFor(Errc code) {
       return 75;  // EX_TEMPFAIL
     case Errc::PermissionDenied:
       return 77;  // EX_NOPERM
+    case Errc::Protocol:
+      return 76;  // EX_PROTOCOL
     case Errc::System:
       return 71;  // EX_OSERR
     case Errc::Internal:

@@ -18,6 +18,7 @@ enum class Errc {
   Conflict,          ///< exists already / state does not allow the operation
   Unavailable,       ///< transient: retry with backoff
   PermissionDenied,  ///< missing privilege or capability
+  Protocol,          ///< a peer (guest, registry, client) broke its wire protocol
   System,            ///< a system call failed (errno attached)
   Internal,          ///< a bug: invariant broken
 };
