@@ -18,9 +18,9 @@ median() { sort -n | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+
 
 for ((i = 0; i < n; i++)); do
   s=$(date +%s.%N)
-  timeout 60 qemu-system-x86_64 -M microvm,x-option-roms=off,rtc=off -accel tcg -smp 2 -m 256 \
+  timeout 60 qemu-system-x86_64 -M microvm,x-option-roms=off,rtc=off,acpi=off -accel tcg -smp 2 -m 256 \
     -nodefaults -no-user-config -nographic -no-reboot -serial stdio -kernel "$kernel" \
-    -initrd "$tmp/probe.cpio" -append "console=ttyS0 reboot=t panic=-1 quiet" >"$tmp/out" 2>&1
+    -initrd "$tmp/probe.cpio" -append "console=ttyS0 reboot=t panic=-1 quiet matchlock.probe=1" >"$tmp/out" 2>&1
   grep -q "init reached" "$tmp/out" || { echo "boot $i did not reach init" >&2; exit 1; }
   e=$(date +%s.%N)
   echo "$e - $s" | bc

@@ -28,10 +28,10 @@ def test_guest_kernel_reaches_init_and_powers_off(tmp_path):
     assert os.access(guest, os.X_OK), f"{guest} not built"
     initrd = tmp_path / "probe.cpio"
     subprocess.run([str(ROOT / "tests/tools/mkinitramfs.py"), guest, str(initrd)], check=True)
-    cmd = ["qemu-system-x86_64", "-M", "microvm,x-option-roms=off,rtc=off", "-accel", "tcg",
+    cmd = ["qemu-system-x86_64", "-M", "microvm,x-option-roms=off,rtc=off,acpi=off", "-accel", "tcg",
            "-smp", "2", "-m", "256", "-nodefaults", "-no-user-config", "-nographic",
            "-no-reboot", "-serial", "stdio", "-kernel", guest_kernel(), "-initrd", str(initrd),
-           "-append", "console=ttyS0 reboot=t panic=-1 quiet"]
+           "-append", "console=ttyS0 reboot=t panic=-1 quiet matchlock.probe=1"]
     start = time.monotonic()
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=BOOT_BOUND_S)
     elapsed = time.monotonic() - start

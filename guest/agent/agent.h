@@ -1,0 +1,71 @@
+// SPDX-License-Identifier: Apache-2.0
+#pragma once
+
+#include <sys/types.h>
+
+#include <map>
+#include <memory>
+#include <string>
+
+#include "common/fd.h"
+#include "ev/loop.h"
+#include "guest/agent/exec_session.h"
+#include "guestproto/mux.h"
+
+namespace matchlock::guest {
+
+/// The guest side of the host<->guest channel: speaks guestproto over one byte stream, runs exec
+/// sessions, reaps children (it is PID 1 in the VM), announces readiness on port 5002 and obeys
+/// the host's shutdown request.
+class Agent {
+ public:
+  struct Options {
+    /// A virtio-serial port reports "host not connected" as EOF/HUP: wait for the host (again)
+    /// instead of exiting. For a socket (tests) EOF ends the agent.
+    bool reconnectable = false;
+    std::string version = "0.1.0";
+  };
+
+  /// Takes ownership of `channel` (made non-blocking). Blocks SIGCHLD for its signalfd.
+  static Result<std::unique_ptr<Agent>> create(ev::Loop& loop, Fd channel, Options options);
+  Agent(const Agent&) = delete;
+  Agent& operator=(const Agent&) = delete;
+  Agent(Agent&&) = delete;
+  Agent& operator=(Agent&&) = delete;
+  ~Agent();
+
+  /// Set when the host asked for a shutdown; the loop is stopped.
+  bool shutdownRequested() const { return shutdown_; }
+
+ private:
+  Agent(ev::Loop& loop, Fd channel, Fd sigchld, Options options);
+  Status init();
+  void newMux();
+  void onReadable(uint32_t events);
+  void onDisconnected();
+  void flush();
+  void reap();
+  void onControl(uint32_t stream, std::string_view data);
+  void sweep();
+  /// Coalesced flush + sweep on the next loop turn (sessions call it from their fd callbacks).
+  void scheduleFlush();
+
+  ev::Loop& loop_;
+  Fd channel_;
+  Fd sigchld_;
+  Options options_;
+  ev::Watch channel_watch_;
+  ev::Watch sigchld_watch_;
+  ev::Timer reconnect_timer_;
+  std::unique_ptr<guestproto::Mux> mux_;
+  std::string out_;
+  std::map<uint32_t, std::unique_ptr<ExecSession>> sessions_;  // by stream
+  /// Sessions whose stream is gone but whose process still runs (being terminated).
+  std::map<pid_t, std::unique_ptr<ExecSession>> orphaned_;
+  std::map<uint32_t, std::string> control_;  // host-opened port 5002 streams
+  bool shutdown_ = false;
+  bool flush_scheduled_ = false;
+  bool mux_started_ = false;
+};
+
+}  // namespace matchlock::guest

@@ -1,0 +1,87 @@
+// SPDX-License-Identifier: Apache-2.0
+#pragma once
+
+#include <sys/types.h>
+
+#include <cstdint>
+#include <functional>
+#include <optional>
+#include <string>
+#include <string_view>
+
+#include "common/fd.h"
+#include "ev/loop.h"
+#include "guestproto/exec.h"
+#include "guestproto/mux.h"
+
+namespace matchlock::guest {
+
+/// One process run for one exec stream (port 5000): spawns it from the Start message, pumps
+/// stdin/stdout/stderr (or a pty) with backpressure in both directions, forwards resizes and
+/// signals, and reports Exit after the output is drained. The agent owns sessions, routes stream
+/// events and reaped exit statuses to them, and destroys a session once done() is true.
+class ExecSession {
+ public:
+  /// `activity` runs whenever the session queued something on the mux or finished, so the owner
+  /// can flush the channel (the session's own fd callbacks run outside the owner's code paths).
+  ExecSession(ev::Loop& loop, guestproto::Mux& mux, uint32_t stream,
+              std::function<void()> activity);
+  ExecSession(const ExecSession&) = delete;
+  ExecSession& operator=(const ExecSession&) = delete;
+  ExecSession(ExecSession&&) = delete;
+  ExecSession& operator=(ExecSession&&) = delete;
+  ~ExecSession();
+
+  void onData(std::string_view data);
+  /// The host will send nothing more (half-close): stdin ends.
+  void onRemoteClose();
+  /// The stream is gone (client disconnected or cancelled): terminate the process group.
+  void onReset();
+  /// The process was reaped with this wait status.
+  void onExit(int wait_status);
+  /// The mux may have gained credit: resume reading output that was paused.
+  void resume();
+
+  pid_t pid() const { return pid_; }
+  bool done() const { return done_; }
+
+ private:
+  void start(std::string_view payload);
+  void fail(int code, const std::string& error);
+  void readOutput(Fd& fd, ev::Watch& watch, guestproto::ExecKind kind);
+  void writeStdin();
+  void closeStdinIfDone();
+  void maybeFinish();
+  void finish();
+  void cancel();
+  void send(std::string bytes);
+
+  ev::Loop& loop_;
+  guestproto::Mux& mux_;
+  uint32_t stream_;
+  std::function<void()> activity_;
+  guestproto::ExecMessageReader reader_;
+  bool started_ = false;
+  bool tty_ = false;
+  bool stream_gone_ = false;
+  bool done_ = false;
+  bool stdin_eof_ = false;
+  bool finished_early_ = false;
+  bool tty_eof_sent_ = false;  // exec failed; Exit already sent, waiting only to reap
+  pid_t pid_ = -1;
+  std::optional<int> exit_status_;
+  uint32_t kill_grace_seconds_ = 5;
+
+  Fd stdin_;
+  Fd stdout_;  // the pty master in TTY mode
+  Fd stderr_;
+  ev::Watch stdin_watch_;
+  ev::Watch stdout_watch_;
+  ev::Watch stderr_watch_;
+  std::string stdin_buf_;
+  size_t withheld_credit_ = 0;
+  ev::Timer kill_timer_;
+  ev::Timer drain_timer_;
+};
+
+}  // namespace matchlock::guest
