@@ -5,10 +5,13 @@
 //                           for a shutdown, then sync and power off.
 //   matchlock-guest agent --fd N   serve the protocol on an inherited fd (tests)
 //   matchlock-guest version|selftest
-// The image root (overlay of the image disk and the upper disk), networking and /etc files join
-// the boot sequence with the VM runtime issue's remaining steps.
+// Kernel parameters: matchlock.root=serial:NAME or /dev/vdX (image disk),
+// matchlock.rootfs=ext4|erofs, matchlock.upper=serial:NAME or /dev/vdX (writable disk),
+// matchlock.hostname, matchlock.dns=ip[,ip], matchlock.probe=1 (power off right after init starts:
+// boot benchmark). Networking joins later.
 #include <dirent.h>
 #include <fcntl.h>
+#include <fmt/format.h>
 #include <sys/mount.h>
 #include <sys/reboot.h>
 #include <sys/stat.h>
@@ -21,6 +24,7 @@
 #include <string>
 
 #include "common/fd.h"
+#include "common/strings.h"
 #include "ev/loop.h"
 #include "guest/agent/agent.h"
 #include "guest/agent/log.h"
@@ -104,6 +108,123 @@ int serve(Fd channel, bool reconnectable) {
   }
 }
 
+/// `serial:NAME` names the virtio disk whose serial is NAME (the VMM sets it; device order is
+/// not stable across VMMs); anything else is a device path.
+std::string resolveDisk(const std::string& spec) {
+  if (spec.rfind("serial:", 0) != 0) {
+    return spec;
+  }
+  std::string want = spec.substr(7);
+  DIR* dir = ::opendir("/sys/block");
+  if (dir == nullptr) {
+    return {};
+  }
+  std::string found;
+  while (dirent* e = ::readdir(dir)) {
+    if (e->d_name[0] == '.') {
+      continue;
+    }
+    std::ifstream in(std::string("/sys/block/") + e->d_name + "/serial");
+    std::string serial;
+    std::getline(in, serial);
+    if (serial == want) {
+      found = std::string("/dev/") + e->d_name;
+      break;
+    }
+  }
+  ::closedir(dir);
+  return found;
+}
+
+/// Waits (bounded) for a disk: the driver probes asynchronously and devtmpfs adds the node.
+std::string waitForDisk(const std::string& spec) {
+  struct stat st {};
+  for (int i = 0; i < 250; ++i) {
+    std::string path = resolveDisk(spec);
+    if (!path.empty() && ::stat(path.c_str(), &st) == 0) {
+      return path;
+    }
+    ::usleep(20000);
+  }
+  return {};
+}
+
+/// The sandbox root: the image disk (read-only) under an overlay whose upper layer lives on the
+/// per-sandbox writable disk. Then the root moves to "/" (initramfs cannot pivot_root) and the
+/// pseudo filesystems come along. Returns false, with a console message, on any failure.
+bool assembleRoot(const std::string& image_spec, const std::string& fstype,
+                  const std::string& upper_spec) {
+  std::string image_dev = waitForDisk(image_spec);
+  std::string upper_dev = waitForDisk(upper_spec);
+  if (image_dev.empty() || upper_dev.empty()) {
+    logLine("root: disk {} or {} did not appear", image_spec, upper_spec);
+    return false;
+  }
+  for (const char* d : {"/mnt", "/mnt/lower", "/mnt/upper", "/mnt/root"}) {
+    ::mkdir(d, 0755);
+  }
+  if (::mount(image_dev.c_str(), "/mnt/lower", fstype.c_str(), MS_RDONLY, nullptr) != 0) {
+    logLine("root: mount {} ({}) read-only: {}", image_dev, fstype, std::strerror(errno));
+    return false;
+  }
+  if (::mount(upper_dev.c_str(), "/mnt/upper", "ext4", MS_NOATIME, nullptr) != 0) {
+    logLine("root: mount upper {}: {}", upper_dev, std::strerror(errno));
+    return false;
+  }
+  ::mkdir("/mnt/upper/upper", 0755);
+  ::mkdir("/mnt/upper/work", 0755);
+  if (::mount("overlay", "/mnt/root", "overlay", 0,
+              "lowerdir=/mnt/lower,upperdir=/mnt/upper/upper,workdir=/mnt/upper/work") != 0) {
+    logLine("root: overlay: {}", std::strerror(errno));
+    return false;
+  }
+  for (const char* d : {"/dev", "/proc", "/sys"}) {
+    std::string target = std::string("/mnt/root") + d;
+    ::mkdir(target.c_str(), 0755);
+    if (::mount(d, target.c_str(), nullptr, MS_MOVE, nullptr) != 0) {
+      logLine("root: move {}: {}", d, std::strerror(errno));
+      return false;
+    }
+  }
+  if (::chdir("/mnt/root") != 0 || ::mount(".", "/", nullptr, MS_MOVE, nullptr) != 0 ||
+      ::chroot(".") != 0 || ::chdir("/") != 0) {
+    logLine("root: switching root: {}", std::strerror(errno));
+    return false;
+  }
+  return true;
+}
+
+void writeFile(const std::string& path, const std::string& content) {
+  Fd fd(::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644));
+  if (!fd) {
+    logLine("write {}: {}", path, std::strerror(errno));
+    return;
+  }
+  if (::write(fd.get(), content.data(), content.size()) != static_cast<ssize_t>(content.size())) {
+    logLine("write {}: short write", path);
+  }
+}
+
+/// /etc/hostname, /etc/hosts and /etc/resolv.conf for the sandbox (on the overlay's upper layer).
+void writeEtc(const std::string& hostname, const std::string& dns) {
+  struct stat st {};
+  if (::stat("/etc", &st) != 0) {
+    ::mkdir("/etc", 0755);
+  }
+  std::string name = hostname.empty() ? "matchlock" : hostname;
+  writeFile("/etc/hostname", name + "\n");
+  writeFile("/etc/hosts", fmt::format("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost\n"
+                                      "127.0.1.1\t{}\n",
+                                      name));
+  if (!dns.empty()) {
+    std::string resolv;
+    for (const std::string& server : split(dns, ',')) {
+      resolv += "nameserver " + server + "\n";
+    }
+    writeFile("/etc/resolv.conf", resolv);
+  }
+}
+
 [[noreturn]] void init() {
   logLine("init reached");
   ::mkdir("/proc", 0555);
@@ -112,9 +233,17 @@ int serve(Fd channel, bool reconnectable) {
     // Boot probe (tests and the bare-boot benchmark baseline): prove init runs, then leave.
     powerOff();
   }
-  mountOne("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, nullptr);
   mountOne("sysfs", "/sys", "sysfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, nullptr);
   mountOne("devtmpfs", "/dev", "devtmpfs", MS_NOSUID, "mode=0755");
+  std::string image_dev = kernelParam("matchlock.root");
+  if (!image_dev.empty()) {
+    std::string fstype = kernelParam("matchlock.rootfs");
+    if (!assembleRoot(image_dev, fstype.empty() ? "ext4" : fstype,
+                      kernelParam("matchlock.upper"))) {
+      logLine("cannot assemble the sandbox root; powering off");
+      powerOff();
+    }
+  }
   mountOne("devpts", "/dev/pts", "devpts", MS_NOSUID | MS_NOEXEC, "ptmxmode=0666,mode=0620");
   mountOne("tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777");
   mountOne("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777");
@@ -123,6 +252,7 @@ int serve(Fd channel, bool reconnectable) {
   if (!hostname.empty()) {
     (void)::sethostname(hostname.data(), hostname.size());
   }
+  writeEtc(hostname, kernelParam("matchlock.dns"));
   ::setenv("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", 1);
   // The device announces its ports after the driver probes: wait for ours, bounded.
   std::string port;
