@@ -12,10 +12,12 @@
 #include "common/result.h"
 #include "state/db.h"
 #include "state/migrate.h"
-#include "state/process.h"
 #include "state/subnet.h"
+#include "sys/process_ref.h"
 
 namespace matchlock::state {
+
+using sys::ProcessRef;
 
 // ---- Records ----------------------------------------------------------------------------------
 

@@ -11,8 +11,8 @@
 #include <unistd.h>
 
 #include <cerrno>
-#include <fstream>
-#include <sstream>
+
+#include "sys/process_ref.h"
 
 extern char** environ;  // NOLINT(readability-redundant-declaration)
 
@@ -40,28 +40,6 @@ ExitInfo fromSiginfo(const siginfo_t& info) {
 }
 
 }  // namespace
-
-uint64_t processStartTime(pid_t pid) {
-  std::ifstream in(fmt::format("/proc/{}/stat", pid));
-  std::string line;
-  if (!std::getline(in, line)) {
-    return 0;
-  }
-  // comm (field 2) may hold spaces and ')': fields resume after the last ')'.
-  size_t close = line.rfind(')');
-  if (close == std::string::npos) {
-    return 0;
-  }
-  std::istringstream rest(line.substr(close + 2));
-  std::string field;
-  // After comm: state is field 3; starttime is field 22, i.e. the 20th token from here.
-  for (int i = 3; i <= 22 && rest >> field; ++i) {
-    if (i == 22) {
-      return std::stoull(field);
-    }
-  }
-  return 0;
-}
 
 ChildProcess::ChildProcess(ChildProcess&& other) noexcept {
   *this = std::move(other);
@@ -159,7 +137,7 @@ Result<ChildProcess> ChildProcess::spawn(const std::vector<std::string>& argv,
     child.pid_ = -1;
     return makeError(Errc::System, "pidfd_open", err);
   }
-  child.start_time_ = processStartTime(pid);
+  child.start_time_ = processStartTime(pid).value_or(0);
   return child;
 }
 

@@ -69,7 +69,4 @@ class ChildProcess {
   std::optional<ExitInfo> exit_;
 };
 
-/// procfs start time (field 22) of `pid`, 0 when it cannot be read.
-uint64_t processStartTime(pid_t pid);
-
 }  // namespace matchlock::sys

@@ -23,11 +23,19 @@
 #include "common/scope_exit.h"
 #include "state/db.h"
 #include "state/migrate.h"
-#include "state/process.h"
 #include "state/store.h"
 #include "state/subnet.h"
+#include "sys/process_ref.h"
 
 namespace matchlock::state {
+
+// ProcessRef and its helpers live in sys/ (the store records them).
+using sys::isAlive;
+using sys::parseProcStat;
+using sys::processRef;
+using sys::processStartTime;
+using sys::ProcStat;
+
 namespace {
 
 // ---- Helpers ----------------------------------------------------------------------------------

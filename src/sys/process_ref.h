@@ -8,7 +8,7 @@
 
 #include "common/result.h"
 
-namespace matchlock::state {
+namespace matchlock::sys {
 
 /// A non-owning reference to a process that survives pid reuse: the pid plus its start time
 /// (field 22 of /proc/<pid>/stat, clock ticks since boot). Stored in SQLite for supervisors and
@@ -38,4 +38,4 @@ struct ProcStat {
 /// True if `ref.pid` exists, is not a zombie, and has the recorded start time.
 bool isAlive(const ProcessRef& ref);
 
-}  // namespace matchlock::state
+}  // namespace matchlock::sys

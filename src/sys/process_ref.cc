@@ -1,5 +1,5 @@
 // SPDX-License-Identifier: Apache-2.0
-#include "state/process.h"
+#include "sys/process_ref.h"
 
 #include <fmt/format.h>
 
@@ -9,7 +9,7 @@
 
 #include "common/fd.h"
 
-namespace matchlock::state {
+namespace matchlock::sys {
 
 Result<ProcStat> parseProcStat(std::string_view text) {
   // "pid (comm) state ppid ...": comm is arbitrary (spaces, parentheses), so anchor on the last
@@ -89,4 +89,4 @@ bool isAlive(const ProcessRef& ref) {
   return stat->start_time == ref.start_time;
 }
 
-}  // namespace matchlock::state
+}  // namespace matchlock::sys

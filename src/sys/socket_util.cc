@@ -1,0 +1,254 @@
+// SPDX-License-Identifier: Apache-2.0
+#include "sys/socket_util.h"
+
+#include <arpa/inet.h>
+#include <fmt/format.h>
+#include <netinet/tcp.h>
+#include <sys/time.h>
+
+#include <cerrno>
+#include <charconv>
+#include <cstring>
+
+namespace matchlock::sys {
+
+namespace {
+
+// From <linux/netfilter_ipv4.h> and <linux/netfilter_ipv6/ip6_tables.h>, which clash with glibc's
+// socket headers.
+constexpr int kSoOriginalDst = 80;
+constexpr int kIp6tSoOriginalDst = 80;
+
+bool parseIp(std::string_view ip, SockAddr* out) {
+  std::string s(ip);
+  sockaddr_in v4{};
+  if (::inet_pton(AF_INET, s.c_str(), &v4.sin_addr) == 1) {
+    v4.sin_family = AF_INET;
+    std::memcpy(&out->storage, &v4, sizeof(v4));
+    out->len = sizeof(v4);
+    return true;
+  }
+  sockaddr_in6 v6{};
+  if (::inet_pton(AF_INET6, s.c_str(), &v6.sin6_addr) == 1) {
+    v6.sin6_family = AF_INET6;
+    std::memcpy(&out->storage, &v6, sizeof(v6));
+    out->len = sizeof(v6);
+    return true;
+  }
+  return false;
+}
+
+bool isWildcard(const SockAddr& addr) {
+  if (addr.family() == AF_INET) {
+    sockaddr_in v4{};
+    std::memcpy(&v4, &addr.storage, sizeof(v4));
+    return v4.sin_addr.s_addr == htonl(INADDR_ANY);
+  }
+  sockaddr_in6 v6{};
+  std::memcpy(&v6, &addr.storage, sizeof(v6));
+  return IN6_IS_ADDR_UNSPECIFIED(&v6.sin6_addr);
+}
+
+}  // namespace
+
+Result<SockAddr> SockAddr::parse(std::string_view text) {
+  SockAddr out;
+  std::string_view host = text;
+  std::string_view port_text;
+  if (!text.empty() && text.front() == '[') {
+    size_t close = text.find(']');
+    if (close == std::string_view::npos) {
+      return makeError(Errc::InvalidSpec, fmt::format("bad address '{}'", text));
+    }
+    host = text.substr(1, close - 1);
+    if (close + 1 < text.size()) {
+      if (text[close + 1] != ':') {
+        return makeError(Errc::InvalidSpec, fmt::format("bad address '{}'", text));
+      }
+      port_text = text.substr(close + 2);
+    }
+  } else if (text.find(':') == text.rfind(':') && text.find(':') != std::string_view::npos) {
+    size_t colon = text.find(':');
+    host = text.substr(0, colon);
+    port_text = text.substr(colon + 1);
+  }
+  if (!parseIp(host, &out)) {
+    return makeError(Errc::InvalidSpec, fmt::format("bad address '{}'", text));
+  }
+  if (!port_text.empty()) {
+    unsigned port = 0;
+    auto [ptr, ec] = std::from_chars(port_text.data(), port_text.data() + port_text.size(), port);
+    if (ec != std::errc() || ptr != port_text.data() + port_text.size() || port > 65535) {
+      return makeError(Errc::InvalidSpec, fmt::format("bad port in '{}'", text));
+    }
+    out.setPort(static_cast<uint16_t>(port));
+  }
+  return out;
+}
+
+SockAddr SockAddr::fromIp(std::string_view ip, uint16_t port) {
+  SockAddr out;
+  if (parseIp(ip, &out)) {
+    out.setPort(port);
+  }
+  return out;
+}
+
+uint16_t SockAddr::port() const {
+  if (family() == AF_INET) {
+    sockaddr_in v4{};
+    std::memcpy(&v4, &storage, sizeof(v4));
+    return ntohs(v4.sin_port);
+  }
+  if (family() == AF_INET6) {
+    sockaddr_in6 v6{};
+    std::memcpy(&v6, &storage, sizeof(v6));
+    return ntohs(v6.sin6_port);
+  }
+  return 0;
+}
+
+void SockAddr::setPort(uint16_t port) {
+  if (family() == AF_INET) {
+    sockaddr_in v4{};
+    std::memcpy(&v4, &storage, sizeof(v4));
+    v4.sin_port = htons(port);
+    std::memcpy(&storage, &v4, sizeof(v4));
+  } else if (family() == AF_INET6) {
+    sockaddr_in6 v6{};
+    std::memcpy(&v6, &storage, sizeof(v6));
+    v6.sin6_port = htons(port);
+    std::memcpy(&storage, &v6, sizeof(v6));
+  }
+}
+
+std::string SockAddr::ip() const {
+  char buf[INET6_ADDRSTRLEN] = {};
+  if (family() == AF_INET) {
+    sockaddr_in v4{};
+    std::memcpy(&v4, &storage, sizeof(v4));
+    ::inet_ntop(AF_INET, &v4.sin_addr, buf, sizeof(buf));
+  } else if (family() == AF_INET6) {
+    sockaddr_in6 v6{};
+    std::memcpy(&v6, &storage, sizeof(v6));
+    ::inet_ntop(AF_INET6, &v6.sin6_addr, buf, sizeof(buf));
+  }
+  return buf;
+}
+
+std::string SockAddr::toString() const {
+  if (family() == AF_INET6) {
+    return fmt::format("[{}]:{}", ip(), port());
+  }
+  return fmt::format("{}:{}", ip(), port());
+}
+
+Result<Fd> listenTcp(const SockAddr& addr, int backlog, bool allow_wildcard) {
+  if (!allow_wildcard && isWildcard(addr)) {
+    return makeError(Errc::InvalidSpec,
+                     fmt::format("refusing to listen on wildcard address {}", addr.toString()));
+  }
+  Fd fd(::socket(addr.family(), SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0));
+  if (!fd) {
+    return makeError(Errc::System, "socket", errno);
+  }
+  int one = 1;
+  (void)::setsockopt(fd.get(), SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+  if (::bind(fd.get(), addr.raw(), addr.len) != 0) {
+    return makeError(Errc::System, fmt::format("bind {}", addr.toString()), errno);
+  }
+  if (::listen(fd.get(), backlog) != 0) {
+    return makeError(Errc::System, "listen", errno);
+  }
+  return fd;
+}
+
+Result<Fd> bindUdp(const SockAddr& addr, bool allow_wildcard) {
+  if (!allow_wildcard && isWildcard(addr)) {
+    return makeError(Errc::InvalidSpec,
+                     fmt::format("refusing to bind wildcard address {}", addr.toString()));
+  }
+  Fd fd(::socket(addr.family(), SOCK_DGRAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0));
+  if (!fd) {
+    return makeError(Errc::System, "socket", errno);
+  }
+  if (::bind(fd.get(), addr.raw(), addr.len) != 0) {
+    return makeError(Errc::System, fmt::format("bind {}", addr.toString()), errno);
+  }
+  return fd;
+}
+
+Result<Fd> connectTcpNonBlocking(const SockAddr& addr) {
+  Fd fd(::socket(addr.family(), SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0));
+  if (!fd) {
+    return makeError(Errc::System, "socket", errno);
+  }
+  int one = 1;
+  (void)::setsockopt(fd.get(), IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+  if (::connect(fd.get(), addr.raw(), addr.len) != 0 && errno != EINPROGRESS) {
+    return makeError(Errc::Unavailable, fmt::format("connect {}", addr.toString()), errno);
+  }
+  return fd;
+}
+
+Result<Fd> acceptNonBlocking(int listen_fd, SockAddr* peer) {
+  SockAddr tmp;
+  tmp.len = sizeof(tmp.storage);
+  int fd = ::accept4(listen_fd, tmp.raw(), &tmp.len, SOCK_NONBLOCK | SOCK_CLOEXEC);
+  if (fd < 0) {
+    if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR || errno == ECONNABORTED) {
+      return Fd();
+    }
+    return makeError(Errc::System, "accept4", errno);
+  }
+  int one = 1;
+  (void)::setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+  if (peer != nullptr) {
+    *peer = tmp;
+  }
+  return Fd(fd);
+}
+
+int socketError(int fd) {
+  int err = 0;
+  socklen_t len = sizeof(err);
+  if (::getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len) != 0) {
+    return errno;
+  }
+  return err;
+}
+
+Result<SockAddr> localAddress(int fd) {
+  SockAddr out;
+  out.len = sizeof(out.storage);
+  if (::getsockname(fd, out.raw(), &out.len) != 0) {
+    return makeError(Errc::System, "getsockname", errno);
+  }
+  return out;
+}
+
+Result<SockAddr> originalDestination(int fd) {
+  SockAddr out;
+  ML_ASSIGN_OR_RETURN(SockAddr local, localAddress(fd));
+  out.len = sizeof(out.storage);
+  int rc = local.family() == AF_INET6
+               ? ::getsockopt(fd, SOL_IPV6, kIp6tSoOriginalDst, out.raw(), &out.len)
+               : ::getsockopt(fd, SOL_IP, kSoOriginalDst, out.raw(), &out.len);
+  if (rc != 0) {
+    return makeError(Errc::NotFound, "SO_ORIGINAL_DST", errno);
+  }
+  return out;
+}
+
+Status setTimeouts(int fd, int timeout_ms) {
+  timeval tv{};
+  tv.tv_sec = timeout_ms / 1000;
+  tv.tv_usec = static_cast<suseconds_t>(timeout_ms % 1000) * 1000;
+  if (::setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv)) != 0 ||
+      ::setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv)) != 0) {
+    return makeError(Errc::System, "setsockopt timeouts", errno);
+  }
+  return ok();
+}
+
+}  // namespace matchlock::sys
