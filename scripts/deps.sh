@@ -15,5 +15,5 @@ ML_DEPS=(
   # guest kernel (guest/kernel/build.sh) and the VMM
   linux-source-6.1 bc bison flex libelf-dev cpio xz-utils qemu-system-x86 busybox-static
   # egress proxy: tests/acceptance/test_egress.py and bench/egress.sh
-  iproute2 nftables curl dnsmasq-base mitmproxy
+  iproute2 nftables curl dnsmasq-base mitmproxy nginx-light
 )
