@@ -1,6 +1,7 @@
 # SPDX-License-Identifier: Apache-2.0
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -40,3 +41,55 @@ def matchlock(tmp_path):
     home = tmp_path / "home"
     home.mkdir()
     return Matchlock(binary, home)
+
+
+# ---- image fixtures (docs/images.md): offline test images and local registries -----------------
+
+sys.path.insert(0, str(ROOT / "tests" / "fixtures"))
+import registry as _registry  # noqa: E402
+
+
+def _build_fixture(which):
+    if which == "agent" and os.geteuid() != 0:
+        pytest.skip("debootstrap (agent test image) needs root")
+    tools = {"busybox": ["/bin/busybox"], "agent": ["debootstrap"]}[which]
+    for tool in tools:
+        if not (os.access(tool, os.X_OK) if tool.startswith("/") else shutil.which(tool)):
+            pytest.skip(f"{tool} is not installed (scripts/setup installs it)")
+    out = subprocess.run([sys.executable, str(ROOT / "tests" / "fixtures" / "build_images.py"),
+                          which], check=True, capture_output=True, text=True, timeout=1800)
+    return pathlib.Path(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="session")
+def image_fixtures():
+    """{'busybox': dir, 'agent': dir}; built once per machine and cached by their inputs."""
+    return {"busybox": _build_fixture("busybox"), "agent": _build_fixture("agent")}
+
+
+def _start_registry(tmp_path_factory, fixtures, **kwargs):
+    missing = _registry.missing_tools()
+    if missing:
+        pytest.skip(f"missing {', '.join(missing)} (scripts/setup installs them)")
+    reg = _registry.Registry(tmp_path_factory.mktemp("registry"), **kwargs).start()
+    try:
+        reg.push(fixtures["busybox"] / "busybox-oci", "test/busybox")
+        reg.push(fixtures["agent"] / "agent-oci", "test/agent")
+    except BaseException:
+        reg.stop()
+        raise
+    return reg
+
+
+@pytest.fixture(scope="session")
+def registry_http(tmp_path_factory, image_fixtures):
+    reg = _start_registry(tmp_path_factory, image_fixtures)
+    yield reg
+    reg.stop()
+
+
+@pytest.fixture(scope="session")
+def registry_https_auth(tmp_path_factory, image_fixtures):
+    reg = _start_registry(tmp_path_factory, image_fixtures, tls=True, auth=True)
+    yield reg
+    reg.stop()
