@@ -1,29 +1,64 @@
 #!/usr/bin/env bash
 # SPDX-License-Identifier: Apache-2.0
-# Boot benchmark. Baseline: a bare qemu-system-x86_64 (microvm, TCG) booting the guest kernel and
-# an initramfs whose init powers off at once; median of N runs. The `matchlock run --image busybox
-# -- true` side joins when the VM runtime lands (issue: vm-runtime); until then only the baseline
-# is printed. Never used as a test: numbers vary with machine load.
+# Boot benchmark, side by side on this machine (QEMU microvm under TCG here; KVM where it works):
+#   baseline: a bare qemu-system-x86_64 booting the same guest kernel with an initramfs whose init
+#             powers off at once (matchlock.probe=1);
+#   matchlock run --image busybox -- true   (supervisor, upper disk, overlay root, exec, teardown);
+#   matchlock exec ID true                  (round trip on a running sandbox).
+# Prints medians and the ratio. Never a test: numbers move with machine load.
 #   bench/boot.sh [N]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 n=${1:-7}
 kernel=${MATCHLOCK_KERNEL:-$(guest/kernel/build.sh)}
 guest=${MATCHLOCK_GUEST:-build/matchlock-guest}
+ml=${MATCHLOCK_BIN:-build/matchlock}
 tmp=$(mktemp -d)
-trap 'rm -rf "$tmp"' EXIT
+export MATCHLOCK_HOME="$tmp/home" XDG_CACHE_HOME="$tmp/cache" MATCHLOCK_KERNEL="$kernel"
+export MATCHLOCK_ACCEL=${MATCHLOCK_ACCEL:-auto}
+cleanup() {
+  "$ml" kill --all >/dev/null 2>&1 || true
+  "$ml" prune >/dev/null 2>&1 || true
+  rm -rf "$tmp"
+}
+trap cleanup EXIT
 tests/tools/mkinitramfs.py "$guest" "$tmp/probe.cpio"
+fixture=$(/usr/bin/python3 tests/fixtures/build_images.py busybox | tail -1)
+"$ml" image import busybox:latest <"$fixture/busybox-save.tar" >/dev/null 2>&1
 
 median() { sort -n | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
+now() { date +%s.%N; }
+
+# Warm-up: builds the rootfs disk and initramfs, and settles --accel auto (probe cached).
+"$ml" run --image busybox:latest -- true
 
 for ((i = 0; i < n; i++)); do
-  s=$(date +%s.%N)
-  timeout 60 qemu-system-x86_64 -M microvm,x-option-roms=off,rtc=off,acpi=off -accel tcg -smp 2 -m 256 \
-    -nodefaults -no-user-config -nographic -no-reboot -serial stdio -kernel "$kernel" \
-    -initrd "$tmp/probe.cpio" -append "console=ttyS0 reboot=t panic=-1 quiet matchlock.probe=1" >"$tmp/out" 2>&1
-  grep -q "init reached" "$tmp/out" || { echo "boot $i did not reach init" >&2; exit 1; }
-  e=$(date +%s.%N)
-  echo "$e - $s" | bc
-done >"$tmp/times"
-printf 'bare qemu boot to power-off (median of %d): %.3f s\n' "$n" "$(median <"$tmp/times")"
-echo "matchlock run --image busybox -- true: not measured yet (needs the VM runtime)"
+  s=$(now)
+  timeout 60 qemu-system-x86_64 -M microvm,x-option-roms=off,rtc=off,acpi=off -accel tcg -smp 1 \
+    -m 512 -nodefaults -no-user-config -nographic -no-reboot -serial stdio -kernel "$kernel" \
+    -initrd "$tmp/probe.cpio" -append "console=ttyS0 reboot=t panic=-1 quiet matchlock.probe=1" \
+    >"$tmp/out" 2>&1
+  grep -q "init reached" "$tmp/out" || { echo "bare boot $i did not reach init" >&2; exit 1; }
+  echo "$(now) - $s" | bc
+done >"$tmp/bare"
+for ((i = 0; i < n; i++)); do
+  s=$(now)
+  "$ml" run --image busybox:latest -- true
+  echo "$(now) - $s" | bc
+done >"$tmp/run"
+id=$("$ml" run -d --image busybox:latest)
+for ((i = 0; i < n; i++)); do
+  s=$(now)
+  "$ml" exec "$id" -- true
+  echo "$(now) - $s" | bc
+done >"$tmp/exec"
+
+bare=$(median <"$tmp/bare")
+run=$(median <"$tmp/run")
+exec_rt=$(median <"$tmp/exec")
+printf 'accelerator                                : %s\n' "$MATCHLOCK_ACCEL"
+printf 'bare qemu boot to power-off (median of %d)  : %.3f s\n' "$n" "$bare"
+printf 'matchlock run --image busybox -- true       : %.3f s\n' "$run"
+printf 'ratio run / bare boot                       : %.2fx (goal <= 1.15x)\n' \
+  "$(echo "$run / $bare" | bc -l)"
+printf 'matchlock exec ID true round trip           : %.3f s\n' "$exec_rt"

@@ -22,8 +22,10 @@ ALLOWED = {
     "net": {"common", "sys", "ev", "spec"},
     "vfs": {"common", "sys", "ev", "guestproto"},
     "reconcile": {"common", "ev", "spec", "state", "vm", "net", "vfs", "image"},
+    "supervisor": {"common", "sys", "ev", "guestproto", "spec", "state", "vm", "image", "net", "vfs"},
     "rpc": {"common", "ev", "spec"},
-    "cli": {"common", "spec", "state", "rpc", "reconcile", "image", "vm", "net", "vfs", "sys", "ev"},
+    "cli": {"common", "spec", "state", "rpc", "reconcile", "image", "vm", "net", "vfs", "sys", "ev",
+            "supervisor", "guestproto"},
     "app": None,  # composition root: anything
 }
 # reconcile may use only interface headers (module root), never implementation subfolders.

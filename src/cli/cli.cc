@@ -47,6 +47,8 @@ int run(int argc, char** argv) {
   CommandContext ctx;
   addSpecCommands(app, ctx);
   addMiscCommands(app, ctx);
+  addVmCommands(app, ctx);
+  addImageCommands(app, ctx);
 
   try {
     app.parse(argc, argv);

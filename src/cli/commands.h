@@ -21,8 +21,10 @@ struct CommandContext {
 // Each command group registers its subcommands (options, help, callback) on the root app. A
 // group's option structs are owned by its callbacks. Add a group by adding a file and a line in
 // cli.cc.
-void addSpecCommands(CLI::App& app, CommandContext& ctx);  // validate, config
-void addMiscCommands(CLI::App& app, CommandContext& ctx);  // version, completion
+void addSpecCommands(CLI::App& app, CommandContext& ctx);   // validate, config
+void addMiscCommands(CLI::App& app, CommandContext& ctx);   // version, completion
+void addImageCommands(CLI::App& app, CommandContext& ctx);  // pull, image ...
+void addVmCommands(CLI::App& app, CommandContext& ctx);  // run, exec, list, inspect, log, kill, rm
 
 /// `matchlock <version> (commit: <sha>, built: <date>)`, as upstream prints it.
 std::string versionLine();

@@ -1,0 +1,680 @@
+// SPDX-License-Identifier: Apache-2.0
+// Sandbox lifecycle: run, exec, list, inspect, log, kill, rm, prune, and the hidden
+// `__supervise` entry point of the per-sandbox supervisor process.
+#include <fmt/format.h>
+#include <signal.h>
+#include <sys/random.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdio>
+#include <cstring>
+#include <filesystem>
+#include <memory>
+#include <thread>
+
+#include <CLI/CLI.hpp>
+#include <nlohmann/json.hpp>
+
+#include "cli/commands.h"
+#include "cli/exec_client.h"
+#include "cli/output.h"
+#include "common/fd.h"
+#include "common/log.h"
+#include "common/paths.h"
+#include "common/strings.h"
+#include "image/image.h"
+#include "ml_version.h"
+#include "spec/model.h"
+#include "spec/normalize.h"
+#include "state/store.h"
+#include "supervisor/supervisor.h"
+#include "sys/process.h"
+#include "sys/process_ref.h"
+#include "vm/initramfs.h"
+#include "vm/qemu/qemu.h"
+
+namespace matchlock::cli {
+namespace {
+
+namespace fs = std::filesystem;
+
+constexpr const char* kAdhocProject = "default";
+
+struct RunOptions {
+  std::string image;
+  std::vector<std::string> command;
+  std::vector<std::string> env;
+  std::string workdir;
+  std::string user;
+  std::string hostname;
+  std::string accel = "auto";
+  double cpus = spec::kDefaultCpus;
+  int64_t memory = spec::kDefaultMemoryMib;
+  int64_t disk = spec::kDefaultDiskMib;
+  bool rm = true;
+  bool detach = false;
+  bool interactive = false;
+  bool tty = false;
+  int boot_timeout = 120;
+};
+
+struct ExecOptions {
+  std::string id;
+  std::vector<std::string> command;
+  std::string workdir;
+  std::string user;
+  bool interactive = false;
+  bool tty = false;
+};
+
+Result<std::string> runRoot() {
+  ML_ASSIGN_OR_RETURN(std::string home, matchlockHome());
+  std::string root = home + "/run";
+  ML_RETURN_IF_ERROR(makeDirs(root, 0700));
+  return root;
+}
+
+std::string newSandboxId() {
+  unsigned char bytes[4] = {};
+  if (::getrandom(bytes, sizeof(bytes), 0) != static_cast<ssize_t>(sizeof(bytes))) {
+    auto now = std::chrono::steady_clock::now().time_since_epoch().count();
+    std::memcpy(bytes, &now, sizeof(bytes));
+  }
+  return "vm-" + toHex(std::string_view(reinterpret_cast<const char*>(bytes), sizeof(bytes)));
+}
+
+/// The guest kernel: MATCHLOCK_KERNEL, else the one guest/kernel/build.sh caches for the config
+/// this matchlock was built with.
+Result<std::string> findKernel() {
+  if (const char* env = std::getenv("MATCHLOCK_KERNEL"); env != nullptr && *env != '\0') {
+    return std::string(env);
+  }
+  ML_ASSIGN_OR_RETURN(std::string cache, cacheDir());
+  std::string path = fmt::format("{}/kernels/{}/vmlinux", cache, kKernelKey);
+  if (::access(path.c_str(), R_OK) == 0) {
+    return path;
+  }
+  return makeError(Errc::NotFound,
+                   fmt::format("guest kernel not found at {}: build it with guest/kernel/build.sh "
+                               "(scripts/setup does) or set MATCHLOCK_KERNEL",
+                               path));
+}
+
+/// matchlock-guest: MATCHLOCK_GUEST, else next to this executable.
+Result<std::string> findGuest() {
+  if (const char* env = std::getenv("MATCHLOCK_GUEST"); env != nullptr && *env != '\0') {
+    return std::string(env);
+  }
+  std::error_code ec;
+  fs::path self = fs::read_symlink("/proc/self/exe", ec);
+  std::string path = (self.parent_path() / "matchlock-guest").string();
+  if (!ec && ::access(path.c_str(), X_OK) == 0) {
+    return path;
+  }
+  return makeError(Errc::NotFound,
+                   "matchlock-guest not found next to matchlock; set "
+                   "MATCHLOCK_GUEST");
+}
+
+std::string runDirOf(const std::string& root, const std::string& id) {
+  return root + "/" + id;
+}
+
+bool supervisorAlive(const state::SandboxRecord& r) {
+  return r.supervisor && sys::isAlive(*r.supervisor);
+}
+
+/// The recorded status, corrected by observation: "running" with a dead supervisor is crashed.
+state::SandboxStatus observedStatus(state::Store& store, const state::SandboxRecord& r) {
+  bool live = r.status == state::SandboxStatus::Running ||
+              r.status == state::SandboxStatus::Creating ||
+              r.status == state::SandboxStatus::Pending;
+  if (live && r.supervisor && !supervisorAlive(r)) {
+    (void)store.updateSandboxStatus(r.id, state::SandboxStatus::Crashed,
+                                    std::string("supervisor died"));
+    return state::SandboxStatus::Crashed;
+  }
+  return r.status;
+}
+
+/// Kills whatever of the sandbox still runs (supervisor, then its VMM by recorded pid + start
+/// time, so a reused pid is never hit) and waits, bounded.
+void killProcesses(state::Store& store, const state::SandboxRecord& r) {
+  std::vector<sys::ProcessRef> refs;
+  if (r.supervisor) {
+    refs.push_back(*r.supervisor);
+  }
+  if (auto vm = store.getVm(r.id); vm && vm->process) {
+    refs.push_back(*vm->process);
+  }
+  for (const auto& ref : refs) {
+    if (sys::isAlive(ref)) {
+      (void)::kill(ref.pid, SIGKILL);
+    }
+  }
+  for (int i = 0; i < 200; ++i) {
+    bool any = false;
+    for (const auto& ref : refs) {
+      any = any || sys::isAlive(ref);
+    }
+    if (!any) {
+      return;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(25));
+  }
+}
+
+/// Stops a running sandbox gracefully through its supervisor, then by force. Bounded.
+void stopSandbox(state::Store& store, const state::SandboxRecord& r, const std::string& run_dir) {
+  if (supervisorAlive(r)) {
+    (void)controlRequest(supervisor::controlSocketPath(run_dir), "stop", 2000);
+    for (int i = 0; i < 400 && supervisorAlive(r); ++i) {  // 10 s for a clean power-off
+      std::this_thread::sleep_for(std::chrono::milliseconds(25));
+    }
+  }
+  killProcesses(store, r);
+}
+
+/// Removes every trace: processes, run dir (sockets, logs, upper disk), rows.
+Status removeSandbox(state::Store& store, const state::SandboxRecord& r, const std::string& root) {
+  std::string run_dir = runDirOf(root, r.id);
+  killProcesses(store, r);
+  std::error_code ec;
+  fs::remove_all(run_dir, ec);
+  if (ec) {
+    return makeError(Errc::System, fmt::format("removing {}", run_dir), ec.value());
+  }
+  ML_RETURN_IF_ERROR(store.deleteSandbox(r.id, state::DeleteMode::Force));
+  return ok();
+}
+
+Result<state::SandboxRecord> findSandboxById(state::Store& store, const std::string& id) {
+  auto r = store.getSandbox(id);
+  if (!r && r.error().code() == Errc::NotFound) {
+    return makeError(Errc::NotFound, fmt::format("sandbox {} not found (see matchlock list)", id));
+  }
+  return r;
+}
+
+std::vector<std::string> composeCommand(const image::ImageConfig& config,
+                                        const std::vector<std::string>& args) {
+  // Docker's rule: ENTRYPOINT + (arguments if given, else CMD).
+  std::vector<std::string> argv = config.entrypoint;
+  const auto& rest = args.empty() ? config.cmd : args;
+  argv.insert(argv.end(), rest.begin(), rest.end());
+  return argv;
+}
+
+Result<int> runCommand(const RunOptions& o) {
+  if (o.detach && (o.tty || o.interactive)) {
+    return makeError(Errc::InvalidSpec,
+                     "--detach cannot be combined with -t/--tty or -i/--interactive");
+  }
+  if (o.tty && ::isatty(STDIN_FILENO) == 0) {
+    return makeError(Errc::InvalidSpec, "-t requires a TTY on stdin");
+  }
+  if (o.cpus <= 0 || o.cpus > 256) {
+    return makeError(Errc::InvalidSpec, "--cpus must be greater than 0 and at most 256");
+  }
+  bool keep = !o.rm || o.detach;
+
+  // Resolve everything that can fail before any state exists.
+  ML_ASSIGN_OR_RETURN(std::string image_root, image::Store::defaultRoot());
+  ML_ASSIGN_OR_RETURN(auto image_store, image::Store::open(image_root));
+  ML_ASSIGN_OR_RETURN(auto prepared, image::prepareImage(image_store, o.image, {}));
+  std::vector<std::string> argv = composeCommand(prepared.config, o.command);
+  if (argv.empty() && !keep) {
+    return makeError(Errc::InvalidSpec,
+                     "command required (or use --rm=false / -d to start without a command)");
+  }
+  ML_ASSIGN_OR_RETURN(std::string kernel, findKernel());
+  ML_ASSIGN_OR_RETURN(std::string guest, findGuest());
+  ML_ASSIGN_OR_RETURN(std::string cache, cacheDir());
+  ML_ASSIGN_OR_RETURN(std::string initramfs, vm::ensureInitramfs(guest, cache + "/initramfs"));
+  ML_ASSIGN_OR_RETURN(vm::Accel accel, vm::parseAccel(o.accel));
+  accel = vm::qemu::resolveAccel(accel, "qemu-system-x86_64", kernel, initramfs, cache);
+
+  std::map<std::string, std::string> env;
+  for (const std::string& kv : prepared.config.env) {
+    size_t eq = kv.find('=');
+    env[kv.substr(0, eq)] = eq == std::string::npos ? "" : kv.substr(eq + 1);
+  }
+  for (const std::string& kv : o.env) {
+    size_t eq = kv.find('=');
+    if (eq == std::string::npos) {
+      const char* v = std::getenv(kv.c_str());
+      if (v == nullptr) {
+        return makeError(Errc::InvalidSpec, fmt::format("-e {}: not set in the environment", kv));
+      }
+      env[kv] = v;
+    } else {
+      env[kv.substr(0, eq)] = kv.substr(eq + 1);
+    }
+  }
+
+  std::string id = newSandboxId();
+  spec::SandboxSpec sb;
+  sb.name = id;
+  sb.image = o.image;
+  sb.cpus = o.cpus;
+  sb.memory_mib = o.memory;
+  sb.disk_mib = o.disk;
+  sb.env = env;
+  sb.hostname = o.hostname.empty() ? id : o.hostname;
+  if (!o.workdir.empty()) {
+    sb.workdir = o.workdir;
+  }
+  if (!o.user.empty()) {
+    sb.user = o.user;
+  }
+  sb.network.no_network = true;  // networking joins with the network issue
+
+  ML_ASSIGN_OR_RETURN(std::string root, runRoot());
+  std::string run_dir = runDirOf(root, id);
+  ML_ASSIGN_OR_RETURN(auto store, state::Store::openDefault());
+  state::SandboxRecord rec;
+  rec.id = id;
+  rec.project = kAdhocProject;
+  rec.name = id;
+  rec.spec_json = spec::toJson(sb).dump();
+  rec.spec_hash = spec::specHash(sb);
+  rec.group_hashes = spec::groupHashes(sb);
+  rec.status = state::SandboxStatus::Creating;
+  ML_RETURN_IF_ERROR(store.createSandbox(rec));
+  // From here on, a failure must not leave anything behind unless the user asked to keep it.
+  auto cleanup = [&](Error e) -> Result<int> {
+    auto current = store.getSandbox(id);
+    if (current) {
+      (void)removeSandbox(store, *current, root);
+    }
+    return makeError(std::move(e));
+  };
+  // Intents first: a crash between here and the supervisor's start leaves records that
+  // `matchlock prune` (and the reconciler) use to clean up.
+  (void)store.recordResourceIntent(id, state::ResourceKind::RunDir, run_dir, "{}");
+  (void)store.recordResourceIntent(id, state::ResourceKind::Disk, run_dir + "/upper.ext4", "{}");
+  if (Status st = makeDirs(run_dir, 0700); !st) {
+    return cleanup(std::move(st).error());
+  }
+
+  supervisor::Config cfg;
+  cfg.sandbox_id = id;
+  cfg.run_dir = run_dir;
+  cfg.vm.kernel = kernel;
+  cfg.vm.initramfs = initramfs;
+  cfg.vm.cpus = o.cpus;
+  cfg.vm.memory_mib = o.memory;
+  cfg.vm.accel = accel;
+  cfg.vm.disks = {{prepared.rootfs, "image", true}, {run_dir + "/upper.ext4", "upper", false}};
+  cfg.vm.kernel_params = {"matchlock.root=serial:image", "matchlock.upper=serial:upper",
+                          "matchlock.hostname=" + sb.hostname};
+  cfg.upper_disk_mib = o.disk;
+  cfg.upper_disk_path = run_dir + "/upper.ext4";
+  cfg.boot_timeout = std::chrono::seconds(o.boot_timeout);
+  ML_ASSIGN_OR_RETURN(cfg.state_db, state::Store::defaultPath());
+  if (Status st = writeFileAtomic(run_dir + "/vm.json", supervisor::toJson(cfg).dump(2), 0600);
+      !st) {
+    return cleanup(std::move(st).error());
+  }
+
+  std::error_code ec;
+  std::string self = fs::read_symlink("/proc/self/exe", ec).string();
+  sys::SpawnOptions sopts;
+  sopts.new_session = true;  // outlives this CLI process and its terminal
+  sopts.stdout_path = run_dir + "/supervisor.log";
+  sopts.stderr_path = sopts.stdout_path;
+  auto sup = sys::ChildProcess::spawn(
+      {self, "--log-level", "info", "__supervise", "--config", run_dir + "/vm.json"}, sopts);
+  if (!sup) {
+    return cleanup(std::move(sup).error());
+  }
+  (void)store.setSupervisor(id, sys::ProcessRef{sup->pid(), sup->startTime()});
+  sup->detach();  // the supervisor is reparented to init when we exit; its state is in the DB
+
+  std::string control = supervisor::controlSocketPath(run_dir);
+  if (o.detach || argv.empty()) {
+    // Wait until the guest is ready, so that `run -d` followed by `exec` just works.
+    auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(o.boot_timeout + 5);
+    for (;;) {
+      auto r = store.getSandbox(id);
+      if (r && r->status == state::SandboxStatus::Running) {
+        break;
+      }
+      if (!r || r->status == state::SandboxStatus::Failed ||
+          r->status == state::SandboxStatus::Crashed || !supervisorAlive(*r) ||
+          std::chrono::steady_clock::now() > deadline) {
+        std::string why = r && r->last_error ? *r->last_error : "the sandbox did not start";
+        return cleanup(Error(Errc::Unavailable, why));
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    }
+    if (o.detach) {
+      fmt::print("{}\n", id);
+      return 0;
+    }
+  }
+  int code = 0;
+  if (!argv.empty()) {
+    ExecClientOptions eo;
+    eo.request.argv = argv;
+    eo.request.env = env;
+    eo.request.cwd = !o.workdir.empty() ? o.workdir : prepared.config.working_dir;
+    eo.request.user = !o.user.empty() ? o.user : prepared.config.user;
+    eo.request.tty = o.tty && o.interactive;
+    eo.request.kill_grace_seconds = 2;
+    eo.forward_stdin = o.interactive;
+    eo.connect_timeout_ms = 10000;
+    auto r = runExec(control, eo);
+    if (!r) {
+      if (!keep) {
+        auto current = store.getSandbox(id);
+        if (current) {
+          stopSandbox(store, *current, run_dir);
+        }
+        return cleanup(std::move(r).error());
+      }
+      return makeError(std::move(r).error());
+    }
+    code = *r;
+  }
+  if (keep) {
+    fmt::print(stderr,
+               "Sandbox {} is running\n  Connect: matchlock exec {} -it sh\n  Stop:    "
+               "matchlock kill {}\n",
+               id, id, id);
+    return code;
+  }
+  auto current = store.getSandbox(id);
+  if (current) {
+    // --rm discards the upper disk, so a clean guest power-off buys nothing: kill and remove.
+    ML_RETURN_IF_ERROR(removeSandbox(store, *current, root));
+  }
+  return code;
+}
+
+Result<int> execCommand(const ExecOptions& o) {
+  if (o.command.empty() && !(o.interactive && o.tty)) {
+    return makeError(Errc::InvalidSpec, "command required (or -it for a shell)");
+  }
+  ML_ASSIGN_OR_RETURN(auto store, state::Store::openDefault());
+  ML_ASSIGN_OR_RETURN(auto rec, findSandboxById(store, o.id));
+  state::SandboxStatus status = observedStatus(store, rec);
+  if (status != state::SandboxStatus::Running) {
+    return makeError(Errc::Conflict, fmt::format("sandbox {} is not running (status: {})", o.id,
+                                                 state::sandboxStatusName(status)));
+  }
+  auto spec = nlohmann::json::parse(rec.spec_json, nullptr, false);
+  ExecClientOptions eo;
+  eo.request.argv = o.command.empty() ? std::vector<std::string>{"/bin/sh"} : o.command;
+  if (spec.is_object()) {
+    eo.request.env = spec.value("env", std::map<std::string, std::string>{});
+    eo.request.cwd = spec.value("workdir", "");
+    eo.request.user = spec.value("user", "");
+  }
+  if (!o.workdir.empty()) {
+    eo.request.cwd = o.workdir;
+  }
+  if (!o.user.empty()) {
+    eo.request.user = o.user;
+  }
+  eo.request.tty = o.tty && o.interactive;
+  eo.request.kill_grace_seconds = 2;
+  eo.forward_stdin = o.interactive;
+  ML_ASSIGN_OR_RETURN(std::string root, runRoot());
+  return runExec(supervisor::controlSocketPath(runDirOf(root, o.id)), eo);
+}
+
+Status listCommand(const std::string& output, bool running_only) {
+  ML_ASSIGN_OR_RETURN(auto store, state::Store::openDefault());
+  ML_ASSIGN_OR_RETURN(auto all, store.listSandboxes());
+  nlohmann::ordered_json rows = nlohmann::ordered_json::array();
+  std::vector<std::vector<std::string>> table;
+  for (const auto& r : all) {
+    state::SandboxStatus status = observedStatus(store, r);
+    if (running_only && status != state::SandboxStatus::Running) {
+      continue;
+    }
+    auto spec = nlohmann::json::parse(r.spec_json, nullptr, false);
+    std::string image = spec.is_object() ? spec.value("image", "") : "";
+    std::string pid = r.supervisor ? std::to_string(r.supervisor->pid) : "-";
+    rows.push_back({{"id", r.id},
+                    {"project", r.project},
+                    {"name", r.name},
+                    {"status", state::sandboxStatusName(status)},
+                    {"image", image},
+                    {"created_at", r.created_at},
+                    {"pid", r.supervisor ? r.supervisor->pid : 0}});
+    table.push_back({r.id, std::string(state::sandboxStatusName(status)), image,
+                     r.created_at.substr(0, 16), pid});
+  }
+  if (output == "json") {
+    fmt::print("{}\n", rows.dump(2));
+    return ok();
+  }
+  fmt::print("{:<14} {:<9} {:<32} {:<17} {}\n", "ID", "STATUS", "IMAGE", "CREATED", "PID");
+  for (const auto& t : table) {
+    fmt::print("{:<14} {:<9} {:<32} {:<17} {}\n", t[0], t[1], t[2], t[3], t[4]);
+  }
+  return ok();
+}
+
+Status inspectCommand(const std::string& id) {
+  ML_ASSIGN_OR_RETURN(auto store, state::Store::openDefault());
+  ML_ASSIGN_OR_RETURN(auto r, findSandboxById(store, id));
+  state::SandboxStatus status = observedStatus(store, r);
+  nlohmann::ordered_json out = {{"id", r.id},
+                                {"project", r.project},
+                                {"name", r.name},
+                                {"status", state::sandboxStatusName(status)},
+                                {"created_at", r.created_at},
+                                {"updated_at", r.updated_at},
+                                {"last_error", r.last_error ? *r.last_error : ""},
+                                {"spec", nlohmann::ordered_json::parse(r.spec_json)}};
+  if (r.supervisor) {
+    out["supervisor"] = {{"pid", r.supervisor->pid},
+                         {"start_time", r.supervisor->start_time},
+                         {"alive", sys::isAlive(*r.supervisor)}};
+  }
+  if (auto vm = store.getVm(id); vm) {
+    out["vm"] = {{"backend", vm->backend},
+                 {"status", state::vmStatusName(vm->status)},
+                 {"pid", vm->process ? vm->process->pid : 0}};
+  }
+  nlohmann::ordered_json resources = nlohmann::ordered_json::array();
+  if (auto res = store.listResources(id); res) {
+    for (const auto& x : *res) {
+      resources.push_back({{"kind", state::resourceKindName(x.kind)},
+                           {"name", x.name},
+                           {"state", state::resourceStateName(x.state)}});
+    }
+  }
+  out["resources"] = resources;
+  fmt::print("{}\n", out.dump(2));
+  return ok();
+}
+
+Status logCommand(const std::string& id, bool follow) {
+  ML_ASSIGN_OR_RETURN(auto store, state::Store::openDefault());
+  ML_ASSIGN_OR_RETURN(auto r, findSandboxById(store, id));
+  ML_ASSIGN_OR_RETURN(std::string root, runRoot());
+  std::string path = supervisor::consoleLogPath(runDirOf(root, id));
+  size_t offset = 0;
+  for (;;) {
+    auto text = readFile(path);
+    if (text) {
+      if (text->size() < offset) {
+        offset = 0;  // truncated: start over
+      }
+      std::fwrite(text->data() + offset, 1, text->size() - offset, stdout);
+      std::fflush(stdout);
+      offset = text->size();
+    } else if (!follow) {
+      return makeError(std::move(text).error());
+    }
+    if (!follow) {
+      return ok();
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
+}
+
+Status killCommand(const std::vector<std::string>& ids, bool all) {
+  ML_ASSIGN_OR_RETURN(auto store, state::Store::openDefault());
+  ML_ASSIGN_OR_RETURN(std::string root, runRoot());
+  std::vector<std::string> targets = ids;
+  if (all) {
+    ML_ASSIGN_OR_RETURN(auto list, store.listSandboxes());
+    for (const auto& r : list) {
+      targets.push_back(r.id);
+    }
+  }
+  if (targets.empty()) {
+    return makeError(Errc::InvalidSpec, "sandbox ID required (or use --all)");
+  }
+  for (const std::string& id : targets) {
+    ML_ASSIGN_OR_RETURN(auto r, findSandboxById(store, id));
+    stopSandbox(store, r, runDirOf(root, id));
+    (void)store.updateSandboxStatus(id, state::SandboxStatus::Stopped, std::nullopt);
+    fmt::print("Killed {}\n", id);
+  }
+  return ok();
+}
+
+Status rmCommand(const std::vector<std::string>& ids, bool force) {
+  ML_ASSIGN_OR_RETURN(auto store, state::Store::openDefault());
+  ML_ASSIGN_OR_RETURN(std::string root, runRoot());
+  for (const std::string& id : ids) {
+    ML_ASSIGN_OR_RETURN(auto r, findSandboxById(store, id));
+    if (observedStatus(store, r) == state::SandboxStatus::Running && supervisorAlive(r)) {
+      if (!force) {
+        return makeError(
+            Errc::Conflict,
+            fmt::format("sandbox {} is running; `matchlock kill {}` first or use -f", id, id));
+      }
+      stopSandbox(store, r, runDirOf(root, id));
+    }
+    ML_RETURN_IF_ERROR(removeSandbox(store, r, root));
+    fmt::print("Removed {}\n", id);
+  }
+  return ok();
+}
+
+Status pruneCommand() {
+  ML_ASSIGN_OR_RETURN(auto store, state::Store::openDefault());
+  ML_ASSIGN_OR_RETURN(std::string root, runRoot());
+  ML_ASSIGN_OR_RETURN(auto list, store.listSandboxes());
+  int pruned = 0;
+  for (const auto& r : list) {
+    if (observedStatus(store, r) == state::SandboxStatus::Running && supervisorAlive(r)) {
+      continue;
+    }
+    ML_RETURN_IF_ERROR(removeSandbox(store, r, root));
+    fmt::print("Pruned {}\n", r.id);
+    ++pruned;
+  }
+  fmt::print("Pruned {} sandbox{}\n", pruned, pruned == 1 ? "" : "es");
+  return ok();
+}
+
+Status superviseCommand(const std::string& config_path) {
+  ML_ASSIGN_OR_RETURN(std::string text, readFile(config_path));
+  auto json = nlohmann::json::parse(text, nullptr, false);
+  if (json.is_discarded()) {
+    return makeError(Errc::InvalidSpec, fmt::format("{}: not JSON", config_path));
+  }
+  ML_ASSIGN_OR_RETURN(auto config, supervisor::configFromJson(json));
+  return supervisor::run(config);
+}
+
+void addExitCode(CommandContext& ctx, Result<int> r) {
+  if (r) {
+    ctx.exit_code = *r;
+  } else {
+    ctx.exit_code = reportError(r.error());
+  }
+}
+
+}  // namespace
+
+void addVmCommands(CLI::App& app, CommandContext& ctx) {
+  auto run = std::make_shared<RunOptions>();
+  auto* r = app.add_subcommand("run",
+                               "Run a command in a new sandbox (removed afterwards unless "
+                               "--rm=false or -d)");
+  r->add_option("--image", run->image, "Image (local store or registry reference)")->required();
+  r->add_option("-e,--env", run->env, "KEY=VALUE, or KEY to copy from this environment");
+  r->add_option("-w,--workdir", run->workdir, "Working directory in the sandbox");
+  r->add_option("-u,--user", run->user, "uid, uid:gid, name or name:group");
+  r->add_option("--cpus", run->cpus, "vCPUs (fractions allowed)");
+  r->add_option("--memory", run->memory, "Memory in MiB");
+  r->add_option("--disk-size", run->disk, "Writable disk in MiB");
+  r->add_option("--hostname", run->hostname, "Guest hostname (default: the sandbox ID)");
+  r->add_option("--accel", run->accel, "kvm, tcg or auto (MATCHLOCK_ACCEL)")
+      ->check(CLI::IsMember({"kvm", "tcg", "auto"}));
+  r->add_option("--boot-timeout", run->boot_timeout, "Seconds to wait for the guest to boot");
+  r->add_option("--rm", run->rm, "Remove the sandbox when the command ends (default true)");
+  r->add_flag("-d,--detach", run->detach, "Start in the background and print the sandbox ID");
+  r->add_flag("-i,--interactive", run->interactive, "Forward stdin");
+  r->add_flag("-t,--tty", run->tty, "Allocate a terminal (with -i)");
+  r->add_option("command", run->command, "Command and arguments (after --)");
+  r->callback([run, &ctx] { addExitCode(ctx, runCommand(*run)); });
+
+  auto ex = std::make_shared<ExecOptions>();
+  auto* e = app.add_subcommand("exec", "Run a command in a running sandbox");
+  e->add_option("id", ex->id, "Sandbox ID")->required();
+  e->add_option("-w,--workdir", ex->workdir, "Working directory");
+  e->add_option("-u,--user", ex->user, "User");
+  e->add_flag("-i,--interactive", ex->interactive, "Forward stdin");
+  e->add_flag("-t,--tty", ex->tty, "Allocate a terminal (with -i)");
+  e->add_option("command", ex->command, "Command and arguments (after --)");
+  e->callback([ex, &ctx] { addExitCode(ctx, execCommand(*ex)); });
+
+  auto list_output = std::make_shared<std::string>("human");
+  auto running = std::make_shared<bool>(false);
+  auto* l = app.add_subcommand("list", "List sandboxes");
+  l->alias("ls");
+  l->add_option("-o,--output", *list_output, "human or json")
+      ->check(CLI::IsMember({"human", "json"}));
+  l->add_flag("--running", *running, "Only running sandboxes");
+  l->callback([list_output, running, &ctx] { ctx.finish(listCommand(*list_output, *running)); });
+
+  auto inspect_id = std::make_shared<std::string>();
+  auto* i = app.add_subcommand("inspect", "Show a sandbox's record, VM and resources as JSON");
+  i->add_option("id", *inspect_id, "Sandbox ID")->required();
+  i->callback([inspect_id, &ctx] { ctx.finish(inspectCommand(*inspect_id)); });
+
+  auto log_id = std::make_shared<std::string>();
+  auto follow = std::make_shared<bool>(false);
+  auto* lg = app.add_subcommand("log", "Print a sandbox's console log");
+  lg->add_option("id", *log_id, "Sandbox ID")->required();
+  lg->add_flag("-f,--follow", *follow, "Keep printing as the log grows");
+  lg->callback([log_id, follow, &ctx] { ctx.finish(logCommand(*log_id, *follow)); });
+
+  auto kill_ids = std::make_shared<std::vector<std::string>>();
+  auto kill_all = std::make_shared<bool>(false);
+  auto* k = app.add_subcommand("kill", "Stop sandboxes (clean guest power-off, then force)");
+  k->add_option("id", *kill_ids, "Sandbox IDs");
+  k->add_flag("--all", *kill_all, "Every sandbox");
+  k->callback([kill_ids, kill_all, &ctx] { ctx.finish(killCommand(*kill_ids, *kill_all)); });
+
+  auto rm_ids = std::make_shared<std::vector<std::string>>();
+  auto rm_force = std::make_shared<bool>(false);
+  auto* rmc = app.add_subcommand("rm", "Remove stopped sandboxes (their disks, logs and records)");
+  rmc->alias("remove");
+  rmc->add_option("id", *rm_ids, "Sandbox IDs")->required();
+  rmc->add_flag("-f,--force", *rm_force, "Stop running sandboxes first");
+  rmc->callback([rm_ids, rm_force, &ctx] { ctx.finish(rmCommand(*rm_ids, *rm_force)); });
+
+  auto* p = app.add_subcommand("prune", "Remove every sandbox that is not running");
+  p->callback([&ctx] { ctx.finish(pruneCommand()); });
+
+  auto sup_config = std::make_shared<std::string>();
+  auto* s = app.add_subcommand("__supervise", "");  // internal: the per-sandbox supervisor
+  s->group("");                                     // hidden from --help
+  s->add_option("--config", *sup_config, "vm.json")->required();
+  s->callback([sup_config, &ctx] { ctx.finish(superviseCommand(*sup_config)); });
+}
+
+}  // namespace matchlock::cli

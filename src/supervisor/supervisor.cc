@@ -1,0 +1,700 @@
+// SPDX-License-Identifier: Apache-2.0
+#include "supervisor/supervisor.h"
+
+#include <fcntl.h>
+#include <fmt/format.h>
+#include <signal.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+#include <list>
+#include <map>
+#include <memory>
+
+#include "common/fd.h"
+#include "common/log.h"
+#include "ev/loop.h"
+#include "guestproto/frame.h"
+#include "guestproto/mux.h"
+#include "state/store.h"
+#include "sys/process.h"
+#include "vm/qemu/qemu.h"
+
+namespace matchlock::supervisor {
+
+std::string controlSocketPath(const std::string& run_dir) {
+  return run_dir + "/control.sock";
+}
+std::string channelSocketPath(const std::string& run_dir) {
+  return run_dir + "/channel.sock";
+}
+std::string consoleLogPath(const std::string& run_dir) {
+  return run_dir + "/console.log";
+}
+
+nlohmann::json toJson(const Config& c) {
+  nlohmann::json disks = nlohmann::json::array();
+  for (const auto& d : c.vm.disks) {
+    disks.push_back({{"path", d.path}, {"serial", d.serial}, {"readonly", d.readonly}});
+  }
+  return {{"sandbox_id", c.sandbox_id},
+          {"run_dir", c.run_dir},
+          {"qemu", c.qemu_binary},
+          {"kernel", c.vm.kernel},
+          {"initramfs", c.vm.initramfs},
+          {"cpus", c.vm.cpus},
+          {"memory_mib", c.vm.memory_mib},
+          {"disks", disks},
+          {"kernel_params", c.vm.kernel_params},
+          {"accel", std::string(vm::toString(c.vm.accel))},
+          {"upper_disk_mib", c.upper_disk_mib},
+          {"upper_disk_path", c.upper_disk_path},
+          {"boot_timeout_ms", c.boot_timeout.count()},
+          {"state_db", c.state_db}};
+}
+
+Result<Config> configFromJson(const nlohmann::json& j) {
+  try {
+    Config c;
+    c.sandbox_id = j.at("sandbox_id").get<std::string>();
+    c.run_dir = j.at("run_dir").get<std::string>();
+    c.qemu_binary = j.value("qemu", c.qemu_binary);
+    c.vm.id = c.sandbox_id;
+    c.vm.kernel = j.at("kernel").get<std::string>();
+    c.vm.initramfs = j.at("initramfs").get<std::string>();
+    c.vm.cpus = j.value("cpus", 1.0);
+    c.vm.memory_mib = j.value("memory_mib", int64_t{512});
+    for (const auto& d : j.value("disks", nlohmann::json::array())) {
+      c.vm.disks.push_back(vm::DiskSpec{d.at("path").get<std::string>(),
+                                        d.at("serial").get<std::string>(),
+                                        d.value("readonly", false)});
+    }
+    c.vm.kernel_params = j.value("kernel_params", std::vector<std::string>{});
+    ML_ASSIGN_OR_RETURN(c.vm.accel, vm::parseAccel(j.value("accel", std::string("tcg"))));
+    c.upper_disk_mib = j.value("upper_disk_mib", int64_t{0});
+    c.upper_disk_path = j.value("upper_disk_path", std::string());
+    c.boot_timeout = std::chrono::milliseconds(j.value("boot_timeout_ms", int64_t{60000}));
+    c.state_db = j.value("state_db", std::string());
+    c.vm.channel_socket = channelSocketPath(c.run_dir);
+    c.vm.control_socket = c.run_dir + "/qmp.sock";
+    c.vm.console_log = consoleLogPath(c.run_dir);
+    return c;
+  } catch (const nlohmann::json::exception& e) {
+    return makeError(Errc::InvalidSpec, fmt::format("supervisor config: {}", e.what()));
+  }
+}
+
+namespace {
+
+constexpr size_t kReadChunk = 64 * 1024;
+constexpr size_t kClientHighWater = 1024 * 1024;
+constexpr std::chrono::milliseconds kStopGrace{5000};
+
+Status makeUpperDisk(const std::string& path, int64_t mib) {
+  // Sparse file, then ext4 without a journal on it: the guest's overlay upper layer lives here.
+  {
+    ML_ASSIGN_OR_RETURN(Fd fd, openFile(path, O_WRONLY | O_CREAT | O_TRUNC, 0600));
+    if (::ftruncate(fd.get(), mib * 1024 * 1024) != 0) {
+      return makeError(Errc::System, fmt::format("ftruncate {}", path), errno);
+    }
+  }
+  sys::SpawnOptions opts;
+  opts.stdout_path = path + ".mkfs.log";
+  opts.stderr_path = opts.stdout_path;
+  ML_ASSIGN_OR_RETURN(
+      auto mkfs,
+      sys::ChildProcess::spawn(
+          {"mkfs.ext4", "-q", "-F", "-O", "^has_journal", "-E", "lazy_itable_init=1", path}, opts));
+  ML_ASSIGN_OR_RETURN(auto exit, mkfs.waitFor(std::chrono::seconds(60)));
+  if (!exit || exit->code != 0) {
+    return makeError(Errc::System, fmt::format("mkfs.ext4 {} failed: {}", path,
+                                               readFile(opts.stdout_path).value_or("(no output)")));
+  }
+  (void)::unlink(opts.stdout_path.c_str());
+  return ok();
+}
+
+Result<Fd> listenUnix(const std::string& path) {
+  Fd fd(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0));
+  if (!fd) {
+    return makeError(Errc::System, "socket", errno);
+  }
+  sockaddr_un addr{};
+  addr.sun_family = AF_UNIX;
+  if (path.size() >= sizeof(addr.sun_path)) {
+    return makeError(Errc::InvalidSpec, fmt::format("socket path too long: {}", path));
+  }
+  std::memcpy(addr.sun_path, path.c_str(), path.size() + 1);
+  (void)::unlink(path.c_str());
+  if (::bind(fd.get(), reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0) {
+    return makeError(Errc::System, fmt::format("bind {}", path), errno);
+  }
+  (void)::chmod(path.c_str(), 0600);
+  if (::listen(fd.get(), 64) != 0) {
+    return makeError(Errc::System, fmt::format("listen {}", path), errno);
+  }
+  return fd;
+}
+
+Result<Fd> connectUnix(const std::string& path) {
+  Fd fd(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0));
+  if (!fd) {
+    return makeError(Errc::System, "socket", errno);
+  }
+  sockaddr_un addr{};
+  addr.sun_family = AF_UNIX;
+  std::memcpy(addr.sun_path, path.c_str(), std::min(path.size() + 1, sizeof(addr.sun_path) - 1));
+  if (::connect(fd.get(), reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0) {
+    return makeError(errno == ENOENT ? Errc::NotFound : Errc::Unavailable,
+                     fmt::format("connect {}", path), errno);
+  }
+  return fd;
+}
+
+/// Non-blocking write of as much of `buf` as the fd takes; erases what was written. False on a
+/// hard error (the peer is gone).
+bool writeSome(int fd, std::string& buf) {
+  while (!buf.empty()) {
+    ssize_t n = ::send(fd, buf.data(), buf.size(), MSG_NOSIGNAL);
+    if (n > 0) {
+      buf.erase(0, static_cast<size_t>(n));
+      continue;
+    }
+    if (n < 0 && errno == EINTR) {
+      continue;
+    }
+    return n < 0 && errno == EAGAIN;
+  }
+  return true;
+}
+
+class Supervisor;
+
+/// One control-socket client: a JSON request line, then (for exec) a relay of exec messages
+/// between the client and one guest stream, flow-controlled both ways.
+struct Client {
+  Fd fd;
+  ev::Watch watch;
+  std::string in;
+  std::string out;
+  bool have_request = false;
+  uint32_t stream = 0;  // guest stream, once exec started
+  size_t unacked = 0;   // guest bytes queued for the client, not yet granted back
+  size_t local = 0;     // bytes at the front of `out` that did not come from the guest
+  bool closing = false;
+};
+
+class Supervisor {
+ public:
+  Supervisor(const Config& config, ev::Loop& loop) : config_(config), loop_(loop) {}
+
+  Status start();
+  Status result() const { return result_; }
+
+ private:
+  void record(state::SandboxStatus status, const std::string& error = "");
+  void onQemuExit();
+  void tryConnectChannel();
+  void onChannel(uint32_t events);
+  void flushChannel();
+  void onReady(std::string_view status_json);
+  void onBootTimeout();
+  void onAccept();
+  void onClient(Client* c, uint32_t events);
+  void handleRequest(Client* c, const nlohmann::json& req);
+  void startExec(Client* c);
+  void pumpClient(Client* c);
+  void closeClient(Client* c, const std::string& error = "");
+  void stop(const std::string& why);
+  void finish(Status status);
+  Client* clientForStream(uint32_t stream);
+
+  Config config_;
+  ev::Loop& loop_;
+  std::optional<state::Store> store_;
+  sys::ChildProcess qemu_;
+  ev::Watch qemu_watch_;
+  Fd channel_;
+  ev::Watch channel_watch_;
+  std::string channel_out_;
+  std::unique_ptr<guestproto::Mux> mux_;
+  ev::Timer connect_timer_;
+  ev::Timer boot_timer_;
+  ev::Timer stop_timer_;
+  Fd listener_;
+  ev::Watch listener_watch_;
+  std::list<std::unique_ptr<Client>> clients_;
+  std::map<uint32_t, std::string> ready_streams_;
+  bool ready_ = false;
+  bool stopping_ = false;
+  bool finished_ = false;
+  std::chrono::steady_clock::time_point started_at_;
+  Status result_ = ok();
+};
+
+void Supervisor::record(state::SandboxStatus status, const std::string& error) {
+  if (!store_) {
+    return;
+  }
+  std::optional<std::string> err;
+  if (!error.empty()) {
+    err = error;
+  }
+  if (Status st = store_->updateSandboxStatus(config_.sandbox_id, status, err); !st) {
+    ML_LOG(supervisor, warn, "recording status: {}", st.error().toString());
+  }
+}
+
+Status Supervisor::start() {
+  started_at_ = std::chrono::steady_clock::now();
+  if (!config_.state_db.empty()) {
+    auto store = state::Store::open(config_.state_db);
+    if (!store) {
+      return makeError(std::move(store).error().withContext("opening the state DB"));
+    }
+    store_.emplace(std::move(*store));
+  }
+  if (config_.upper_disk_mib > 0) {
+    ML_RETURN_IF_ERROR(makeUpperDisk(config_.upper_disk_path, config_.upper_disk_mib));
+  }
+  ML_ASSIGN_OR_RETURN(listener_, listenUnix(controlSocketPath(config_.run_dir)));
+  ML_ASSIGN_OR_RETURN(listener_watch_,
+                      loop_.watch(listener_.get(), ev::kRead, [this](uint32_t) { onAccept(); }));
+
+  sys::SpawnOptions opts;
+  opts.stdout_path = config_.run_dir + "/qemu.log";
+  opts.stderr_path = opts.stdout_path;
+  (void)::unlink(config_.vm.channel_socket.c_str());
+  ML_ASSIGN_OR_RETURN(
+      qemu_, sys::ChildProcess::spawn(vm::qemu::buildArgv(config_.vm, config_.qemu_binary), opts));
+  ML_LOG(supervisor, info, "sandbox {}: qemu pid {}", config_.sandbox_id, qemu_.pid());
+  if (store_) {
+    state::VmRecord vm;
+    vm.id = config_.sandbox_id;
+    vm.sandbox_id = config_.sandbox_id;
+    vm.backend = "qemu";
+    vm.process = sys::ProcessRef{qemu_.pid(), qemu_.startTime()};
+    vm.status = state::VmStatus::Starting;
+    if (Status st = store_->upsertVm(vm); !st) {
+      ML_LOG(supervisor, warn, "recording vm: {}", st.error().toString());
+    }
+  }
+  ML_ASSIGN_OR_RETURN(
+      qemu_watch_, loop_.watch(qemu_.pidfd().get(), ev::kRead, [this](uint32_t) { onQemuExit(); }));
+  ML_ASSIGN_OR_RETURN(connect_timer_, loop_.timer([this] { tryConnectChannel(); }));
+  ML_RETURN_IF_ERROR(connect_timer_.arm(std::chrono::milliseconds(20)));
+  ML_ASSIGN_OR_RETURN(boot_timer_, loop_.timer([this] { onBootTimeout(); }));
+  ML_RETURN_IF_ERROR(boot_timer_.arm(config_.boot_timeout));
+  ML_ASSIGN_OR_RETURN(stop_timer_, loop_.timer([this] {
+    ML_LOG(supervisor, warn, "sandbox {}: guest did not power off in time; killing QEMU",
+           config_.sandbox_id);
+    (void)qemu_.signal(SIGKILL);
+  }));
+  return ok();
+}
+
+void Supervisor::tryConnectChannel() {
+  auto fd = connectUnix(config_.vm.channel_socket);
+  if (!fd) {
+    (void)connect_timer_.arm(std::chrono::milliseconds(20));  // QEMU has not bound it yet
+    return;
+  }
+  channel_ = std::move(*fd);
+  guestproto::Mux::Callbacks cb;
+  cb.on_open = [this](uint32_t stream, uint32_t port) {
+    if (port == guestproto::kPortReady) {
+      ready_streams_[stream] = "";
+    } else {
+      mux_->reset(stream, 3, "the host serves no ports");
+    }
+  };
+  cb.on_data = [this](uint32_t stream, std::string_view data) {
+    if (auto it = ready_streams_.find(stream); it != ready_streams_.end()) {
+      it->second.append(data);
+      mux_->consumed(stream, data.size());
+      return;
+    }
+    if (Client* c = clientForStream(stream)) {
+      c->out.append(data);
+      c->unacked += data.size();
+      pumpClient(c);
+    }
+  };
+  cb.on_close = [this](uint32_t stream) {
+    if (auto it = ready_streams_.find(stream); it != ready_streams_.end()) {
+      std::string status = it->second;
+      ready_streams_.erase(it);
+      (void)mux_->closeWrite(stream);
+      onReady(status);
+      return;
+    }
+    if (Client* c = clientForStream(stream)) {
+      (void)mux_->closeWrite(stream);
+      c->closing = true;  // after its output is written
+      pumpClient(c);
+    }
+  };
+  cb.on_reset = [this](uint32_t stream, uint32_t, std::string_view message) {
+    if (Client* c = clientForStream(stream)) {
+      c->stream = 0;
+      closeClient(c, fmt::format("guest reset the exec stream: {}", message));
+    }
+  };
+  cb.on_goaway = [](uint32_t, std::string_view message) {
+    ML_LOG(supervisor, warn, "guest closing the channel: {}", message);
+  };
+  guestproto::Mux::Options opts;
+  opts.agent = "matchlock-supervisor";
+  mux_ = std::make_unique<guestproto::Mux>(guestproto::Mux::Role::Host, std::move(cb), opts);
+  mux_->start();  // the host speaks first
+  auto watch = loop_.watch(channel_.get(), ev::kRead | ev::kWrite,
+                           [this](uint32_t events) { onChannel(events); });
+  if (!watch) {
+    finish(makeError(std::move(watch).error()));
+    return;
+  }
+  channel_watch_ = std::move(*watch);
+}
+
+void Supervisor::onChannel(uint32_t events) {
+  if ((events & (ev::kRead | ev::kError)) != 0) {
+    char buf[kReadChunk];
+    for (int rounds = 0; rounds < 16; ++rounds) {
+      ssize_t n = ::read(channel_.get(), buf, sizeof(buf));
+      if (n > 0) {
+        if (Status st = mux_->receive(std::string_view(buf, static_cast<size_t>(n))); !st) {
+          ML_LOG(supervisor, err, "sandbox {}: {}", config_.sandbox_id, st.error().message());
+          stop("protocol error on the guest channel");
+          break;
+        }
+        continue;
+      }
+      if (n < 0 && (errno == EAGAIN || errno == EINTR)) {
+        break;
+      }
+      // QEMU closed the chardev: the VM is going away; its exit is handled by onQemuExit.
+      channel_watch_.reset();
+      return;
+    }
+  }
+  flushChannel();
+}
+
+void Supervisor::flushChannel() {
+  if (!mux_ || !channel_watch_) {
+    return;
+  }
+  channel_out_ += mux_->takeOutput();
+  if (!writeSome(channel_.get(), channel_out_)) {
+    channel_watch_.reset();
+    return;
+  }
+  (void)channel_watch_.setEvents(ev::kRead | (channel_out_.empty() ? 0 : ev::kWrite));
+  // Output credit may have arrived: clients paused on a full guest window can go on.
+  for (auto& c : clients_) {
+    if (c->stream != 0 && mux_->pendingBytes(c->stream) < kReadChunk) {
+      (void)c->watch.setEvents(ev::kRead | (c->out.empty() ? 0 : ev::kWrite));
+    }
+  }
+}
+
+void Supervisor::onReady(std::string_view status_json) {
+  ready_ = true;
+  boot_timer_ = ev::Timer();
+  auto ms = std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::steady_clock::now() -
+                                                                  started_at_);
+  ML_LOG(supervisor, info, "sandbox {}: guest ready in {} ms: {}", config_.sandbox_id, ms.count(),
+         status_json);
+  record(state::SandboxStatus::Running);
+  if (store_) {
+    (void)store_->updateVmStatus(config_.sandbox_id, state::VmStatus::Running,
+                                 sys::ProcessRef{qemu_.pid(), qemu_.startTime()});
+  }
+  for (auto& c : clients_) {
+    if (c->have_request && c->stream == 0 && !c->closing) {
+      startExec(c.get());
+    }
+  }
+  flushChannel();
+}
+
+void Supervisor::onBootTimeout() {
+  if (ready_) {
+    return;
+  }
+  std::string console = readFile(config_.vm.console_log).value_or("");
+  if (console.size() > 2000) {
+    console = console.substr(console.size() - 2000);
+  }
+  Error err(Errc::Unavailable,
+            fmt::format("guest did not become ready within {} s (console tail: {})",
+                        config_.boot_timeout.count() / 1000, console));
+  for (auto& c : clients_) {
+    closeClient(c.get(), err.message());
+  }
+  result_ = makeError(err);
+  record(state::SandboxStatus::Failed, err.message());
+  (void)qemu_.signal(SIGKILL);
+}
+
+void Supervisor::onAccept() {
+  for (;;) {
+    Fd fd(::accept4(listener_.get(), nullptr, nullptr, SOCK_CLOEXEC | SOCK_NONBLOCK));
+    if (!fd) {
+      return;
+    }
+    auto c = std::make_unique<Client>();
+    c->fd = std::move(fd);
+    Client* raw = c.get();
+    auto watch = loop_.watch(raw->fd.get(), ev::kRead,
+                             [this, raw](uint32_t events) { onClient(raw, events); });
+    if (!watch) {
+      continue;
+    }
+    raw->watch = std::move(*watch);
+    clients_.push_back(std::move(c));
+  }
+}
+
+void Supervisor::onClient(Client* c, uint32_t events) {
+  if ((events & ev::kWrite) != 0) {
+    pumpClient(c);
+    if (!c->fd) {
+      return;
+    }
+  }
+  if ((events & (ev::kRead | ev::kError)) == 0) {
+    return;
+  }
+  if (c->stream != 0 && mux_ && mux_->pendingBytes(c->stream) >= kReadChunk) {
+    (void)c->watch.setEvents(c->out.empty() ? 0 : ev::kWrite);  // backpressure towards the client
+    return;
+  }
+  char buf[kReadChunk];
+  ssize_t n = ::read(c->fd.get(), buf, sizeof(buf));
+  if (n < 0 && (errno == EAGAIN || errno == EINTR)) {
+    return;
+  }
+  if (n <= 0) {
+    // The client went away: an exec in flight is cancelled (the guest SIGTERMs the group).
+    if (c->stream != 0 && mux_) {
+      mux_->reset(c->stream, 8, "client disconnected");
+      c->stream = 0;
+      flushChannel();
+    }
+    closeClient(c);
+    return;
+  }
+  std::string_view data(buf, static_cast<size_t>(n));
+  if (!c->have_request) {
+    c->in.append(data);
+    size_t nl = c->in.find('\n');
+    if (nl == std::string::npos) {
+      if (c->in.size() > 64 * 1024) {
+        closeClient(c, "request line too long");
+      }
+      return;
+    }
+    std::string line = c->in.substr(0, nl);
+    std::string rest = c->in.substr(nl + 1);
+    c->in = rest;
+    c->have_request = true;
+    nlohmann::json req = nlohmann::json::parse(line, nullptr, false);
+    if (!req.is_object()) {
+      closeClient(c, "request is not a JSON object");
+      return;
+    }
+    handleRequest(c, req);
+    return;
+  }
+  if (c->stream != 0 && mux_) {
+    (void)mux_->send(c->stream, data);
+    flushChannel();
+  } else {
+    c->in.append(data);  // exec data before the guest is ready: queued
+  }
+}
+
+void Supervisor::handleRequest(Client* c, const nlohmann::json& req) {
+  std::string op = req.value("op", "");
+  if (op == "status") {
+    nlohmann::json s = {{"ok", true},
+                        {"sandbox", config_.sandbox_id},
+                        {"state", ready_ ? "running" : (stopping_ ? "stopping" : "booting")},
+                        {"vm_pid", qemu_.pid()},
+                        {"accel", std::string(vm::toString(config_.vm.accel))}};
+    c->out += s.dump() + "\n";
+    c->closing = true;
+    pumpClient(c);
+  } else if (op == "stop") {
+    c->out += "{\"ok\": true}\n";
+    c->closing = true;
+    pumpClient(c);
+    stop("stop requested");
+  } else if (op == "exec") {
+    if (stopping_) {
+      closeClient(c, "sandbox is stopping");
+      return;
+    }
+    if (ready_) {
+      startExec(c);
+    }  // else: started by onReady
+  } else {
+    closeClient(c, fmt::format("unknown op '{}'", op));
+  }
+}
+
+void Supervisor::startExec(Client* c) {
+  auto stream = mux_->open(guestproto::kPortExec);
+  if (!stream) {
+    closeClient(c, stream.error().message());
+    return;
+  }
+  c->stream = *stream;
+  static constexpr std::string_view kOk = "{\"ok\": true}\n";
+  c->out += kOk;
+  c->local += kOk.size();
+  if (!c->in.empty()) {
+    (void)mux_->send(c->stream, c->in);
+    c->in.clear();
+  }
+  pumpClient(c);
+  flushChannel();
+}
+
+void Supervisor::pumpClient(Client* c) {
+  if (!c->fd) {
+    return;
+  }
+  size_t before = c->out.size();
+  if (!writeSome(c->fd.get(), c->out)) {
+    if (c->stream != 0 && mux_) {
+      mux_->reset(c->stream, 8, "client disconnected");
+      c->stream = 0;
+    }
+    closeClient(c);
+    return;
+  }
+  size_t written = before - c->out.size();
+  size_t local = std::min(written, c->local);
+  c->local -= local;
+  written -= local;
+  if (c->stream != 0 && mux_ && written > 0) {
+    // Grant the guest exactly what of its data reached the client: flow control end to end.
+    size_t grant = std::min(written, c->unacked);
+    c->unacked -= grant;
+    mux_->consumed(c->stream, grant);
+  }
+  if (c->closing && c->out.empty()) {
+    closeClient(c);
+    return;
+  }
+  uint32_t want = c->out.empty() ? ev::kRead : (ev::kRead | ev::kWrite);
+  if (c->out.size() > kClientHighWater) {
+    want = ev::kWrite;
+  }
+  (void)c->watch.setEvents(want);
+  flushChannel();
+}
+
+void Supervisor::closeClient(Client* c, const std::string& error) {
+  if (!error.empty() && c->fd) {
+    std::string line = nlohmann::json({{"ok", false}, {"error", error}}).dump() + "\n";
+    (void)::send(c->fd.get(), line.data(), line.size(), MSG_NOSIGNAL);
+  }
+  c->watch.reset();
+  c->fd.reset();
+  // Removed on the next loop turn: the caller may still be inside this client's callback.
+  loop_.post([this, c] {
+    clients_.remove_if([c](const std::unique_ptr<Client>& p) { return p.get() == c; });
+  });
+}
+
+Client* Supervisor::clientForStream(uint32_t stream) {
+  for (auto& c : clients_) {
+    if (c->stream == stream && c->fd) {
+      return c.get();
+    }
+  }
+  return nullptr;
+}
+
+void Supervisor::stop(const std::string& why) {
+  if (stopping_) {
+    return;
+  }
+  stopping_ = true;
+  ML_LOG(supervisor, info, "sandbox {}: stopping ({})", config_.sandbox_id, why);
+  if (mux_ && ready_) {
+    // Ask the guest to sync and power off; QEMU exits on the guest's reboot (-no-reboot).
+    if (auto s = mux_->open(guestproto::kPortReady); s) {
+      (void)mux_->send(*s, R"({"op": "shutdown"})");
+      (void)mux_->closeWrite(*s);
+    }
+    flushChannel();
+    (void)stop_timer_.arm(kStopGrace);
+  } else {
+    (void)qemu_.signal(SIGKILL);
+  }
+}
+
+void Supervisor::onQemuExit() {
+  auto exit = qemu_.poll();
+  qemu_watch_.reset();
+  int code = exit && *exit ? (*exit)->code : -1;
+  if (stopping_) {
+    record(state::SandboxStatus::Stopped);
+    finish(result_);
+    return;
+  }
+  std::string qemu_log = readFile(config_.run_dir + "/qemu.log").value_or("");
+  std::string why =
+      fmt::format("VM process exited unexpectedly (code {}): {}", code, qemu_log.substr(0, 500));
+  if (result_) {
+    result_ = makeError(Errc::Unavailable, why);
+    record(state::SandboxStatus::Crashed, why);
+  }
+  finish(result_);
+}
+
+void Supervisor::finish(Status status) {
+  if (finished_) {
+    return;
+  }
+  finished_ = true;
+  result_ = std::move(status);
+  for (auto& c : clients_) {
+    if (c->fd) {
+      pumpClient(c.get());
+      closeClient(c.get(), result_ ? "sandbox stopped" : result_.error().message());
+    }
+  }
+  if (store_) {
+    (void)store_->updateVmStatus(config_.sandbox_id,
+                                 result_ ? state::VmStatus::Stopped : state::VmStatus::Crashed,
+                                 std::nullopt);
+  }
+  listener_watch_.reset();
+  (void)::unlink(controlSocketPath(config_.run_dir).c_str());
+  (void)::unlink(config_.vm.channel_socket.c_str());
+  (void)::unlink(config_.vm.control_socket.c_str());
+  loop_.stop();
+}
+
+}  // namespace
+
+Status run(const Config& config) {
+  ML_ASSIGN_OR_RETURN(auto loop, ev::Loop::create());
+  Supervisor s(config, *loop);
+  if (Status st = s.start(); !st) {
+    return st;
+  }
+  ML_RETURN_IF_ERROR(loop->run());
+  return s.result();
+}
+
+}  // namespace matchlock::supervisor

@@ -1,0 +1,43 @@
+// SPDX-License-Identifier: Apache-2.0
+#pragma once
+
+#include <chrono>
+#include <string>
+
+#include <nlohmann/json.hpp>
+
+#include "common/result.h"
+#include "vm/backend.h"
+
+namespace matchlock::supervisor {
+
+/// What one supervisor runs: written by the CLI to `<run_dir>/vm.json` before it starts the
+/// supervisor process, so that the supervisor needs nothing else to boot and serve the sandbox.
+struct Config {
+  std::string sandbox_id;
+  std::string run_dir;  ///< 0700; holds the sockets, logs and the upper disk
+  vm::VmConfig vm;      ///< kernel, initramfs, disks, cpus, memory, sockets, kernel params
+  std::string qemu_binary = "qemu-system-x86_64";
+  /// Size of the writable upper disk created (sparse, ext4) at start; 0 = do not create one.
+  int64_t upper_disk_mib = 0;
+  std::string upper_disk_path;
+  std::chrono::milliseconds boot_timeout{60000};
+  /// State DB to record status in ("" = do not record, for tests).
+  std::string state_db;
+};
+
+nlohmann::json toJson(const Config& config);
+Result<Config> configFromJson(const nlohmann::json& j);
+
+/// Paths inside a run directory.
+std::string controlSocketPath(const std::string& run_dir);
+std::string channelSocketPath(const std::string& run_dir);
+std::string consoleLogPath(const std::string& run_dir);
+
+/// Runs the supervisor in the current process until the VM ends: creates the upper disk, boots
+/// the VM, waits (bounded) for the guest's readiness, serves the control socket (exec relays,
+/// status, stop), records status changes, and cleans up its run-dir sockets. Returns the reason
+/// the sandbox ended (an error when it failed to boot or crashed).
+Status run(const Config& config);
+
+}  // namespace matchlock::supervisor

@@ -1,0 +1,214 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The VM runtime through the CLI, with real micro-VMs (QEMU microvm under TCG) booted from the
+busybox fixture image: run/exec/list/inspect/log/kill/rm/prune, stdin, env/cwd/user, a TTY,
+concurrency, cancellation, crash detection, and that nothing is left behind."""
+import json
+import os
+import pathlib
+import pty
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.need_qemu
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    r = subprocess.run([str(ROOT / "guest/kernel/build.sh")], capture_output=True, text=True,
+                       timeout=1800)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r.stdout.strip()
+
+
+@pytest.fixture(scope="module")
+def busybox_tar():
+    out = subprocess.run([sys.executable, str(ROOT / "tests/fixtures/build_images.py"), "busybox"],
+                         check=True, capture_output=True, text=True, timeout=600)
+    return pathlib.Path(out.stdout.strip().splitlines()[-1]) / "busybox-save.tar"
+
+
+class VmEnv:
+    def __init__(self, tmp_path, kernel):
+        self.binary = os.environ.get("MATCHLOCK_BIN", str(ROOT / "build" / "matchlock"))
+        self.home = tmp_path / "home"
+        self.env = dict(os.environ)
+        self.env.update({"MATCHLOCK_HOME": str(self.home), "XDG_CACHE_HOME": str(tmp_path / "cache"),
+                         "MATCHLOCK_KERNEL": kernel, "MATCHLOCK_ACCEL": "tcg"})
+        self.env.pop("MATCHLOCK_PROJECT", None)
+
+    def run(self, *args, timeout=120, input=None, check=False):
+        p = subprocess.run([self.binary, *map(str, args)], capture_output=True, text=True,
+                           env=self.env, timeout=timeout, input=input)
+        if check:
+            assert p.returncode == 0, p.stderr
+        return p
+
+    def popen(self, *args, **kw):
+        return subprocess.Popen([self.binary, *map(str, args)], env=self.env, **kw)
+
+    def sandboxes(self):
+        return json.loads(self.run("list", "-o", "json", check=True).stdout)
+
+    def run_dirs(self):
+        d = self.home / "run"
+        return sorted(p.name for p in d.iterdir()) if d.exists() else []
+
+
+def qemu_pids(sandbox_dir_fragment):
+    out = subprocess.run(["pgrep", "-f", f"qemu-system.*{sandbox_dir_fragment}"],
+                         capture_output=True, text=True)
+    return out.stdout.split()
+
+
+@pytest.fixture
+def vm(tmp_path, kernel, busybox_tar):
+    env = VmEnv(tmp_path, kernel)
+    with open(busybox_tar, "rb") as f:
+        r = subprocess.run([env.binary, "image", "import", "busybox:latest"], stdin=f,
+                           capture_output=True, text=True, env=env.env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    yield env
+    # Whatever a test left running is torn down, and the teardown itself must leave nothing.
+    env.run("kill", "--all")
+    env.run("prune")
+    assert env.run_dirs() == []
+    assert qemu_pids(str(env.home)) == []
+
+
+def test_run_prints_output_returns_exit_code_and_leaves_nothing(vm):
+    r = vm.run("run", "--image", "busybox:latest", "--", "sh", "-c",
+               "echo out; echo err >&2; exit 7")
+    assert r.returncode == 7, r.stderr
+    assert r.stdout == "out\n"
+    assert "err\n" in r.stderr
+    assert vm.sandboxes() == []
+    assert vm.run_dirs() == []
+    assert qemu_pids(str(vm.home)) == []
+
+
+def test_stdin_env_cwd_user(vm):
+    r = vm.run("run", "-i", "--image", "busybox:latest", "-e", "GREETING=hi there", "-w", "/tmp",
+               "-u", "1000:1000", "--", "sh", "-c", 'cat; echo "$GREETING"; pwd; id -u; id -g',
+               input="from stdin\n")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split("\n")[:5] == ["from stdin", "hi there", "/tmp", "1000", "1000"]
+
+
+def test_tty_session_through_a_pty(vm):
+    pid, fd = pty.fork()
+    if pid == 0:
+        os.execve(vm.binary, [vm.binary, "run", "-it", "--image", "busybox:latest", "--", "sh",
+                              "-c", "tty; stty size"], vm.env)
+    out = b""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            chunk = os.read(fd, 4096)
+        except OSError:
+            break
+        if not chunk:
+            break
+        out += chunk
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, out
+    assert b"/dev/pts/" in out
+
+
+def test_detached_sandbox_serves_concurrent_execs(vm):
+    r = vm.run("run", "-d", "--image", "busybox:latest", check=True)
+    sid = r.stdout.strip()
+    assert sid.startswith("vm-")
+    [row] = vm.sandboxes()
+    assert row["id"] == sid and row["status"] == "running"
+    results = {}
+
+    def ex(name, script):
+        results[name] = vm.run("exec", sid, "--", "sh", "-c", script)
+
+    threads = [threading.Thread(target=ex, args=("slow", "sleep 2; echo slow")),
+               threading.Thread(target=ex, args=("fast", "echo fast"))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert results["slow"].stdout == "slow\n" and results["fast"].stdout == "fast\n"
+    inspect = json.loads(vm.run("inspect", sid, check=True).stdout)
+    assert inspect["status"] == "running" and inspect["supervisor"]["alive"] is True
+    assert "init reached" in vm.run("log", sid, check=True).stdout
+    # kill then rm: no QEMU, no run dir, no rows.
+    vm.run("kill", sid, check=True)
+    assert qemu_pids(sid) == []
+    assert vm.run("rm", sid).returncode == 0
+    assert vm.sandboxes() == [] and vm.run_dirs() == []
+
+
+def test_ctrl_c_on_exec_kills_the_guest_process_group(vm):
+    sid = vm.run("run", "-d", "--image", "busybox:latest", check=True).stdout.strip()
+    p = vm.popen("exec", sid, "--", "sh", "-c", "sleep 300 & sleep 301; wait",
+                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    time.sleep(2)
+    ps = vm.run("exec", sid, "--", "sh", "-c", "ps", check=True).stdout
+    assert "sleep 300" in ps and "sleep 301" in ps
+    start = time.monotonic()
+    p.send_signal(signal.SIGINT)
+    p.wait(timeout=10)
+    gone = False
+    while time.monotonic() - start < 5:
+        ps = vm.run("exec", sid, "--", "sh", "-c", "ps", check=True).stdout
+        if "sleep 30" not in ps:
+            gone = True
+            break
+        time.sleep(0.2)
+    assert gone, f"guest processes survived cancel:\n{ps}"
+
+
+def test_two_sandboxes_at_once_and_rm_refuses_running(vm):
+    a = vm.run("run", "-d", "--image", "busybox:latest", check=True).stdout.strip()
+    b = vm.run("run", "-d", "--image", "busybox:latest", "--hostname", "second",
+               check=True).stdout.strip()
+    assert vm.run("exec", a, "--", "sh", "-c", "hostname", check=True).stdout.strip() == a
+    assert vm.run("exec", b, "--", "sh", "-c", "hostname", check=True).stdout.strip() == "second"
+    r = vm.run("rm", a)
+    assert r.returncode != 0 and "is running" in r.stderr
+    assert vm.run("rm", "-f", a, b).returncode == 0
+    assert vm.sandboxes() == [] and qemu_pids(str(vm.home)) == []
+
+
+def test_dead_supervisor_is_reported_as_crashed_and_cleaned_up(vm):
+    sid = vm.run("run", "-d", "--image", "busybox:latest", check=True).stdout.strip()
+    [row] = vm.sandboxes()
+    os.kill(row["pid"], signal.SIGKILL)
+    time.sleep(0.5)
+    [row] = vm.sandboxes()
+    assert row["status"] == "crashed"
+    r = vm.run("exec", sid, "--", "true")
+    assert r.returncode != 0 and "not running" in r.stderr
+    assert vm.run("prune", check=True).stdout.count("Pruned") >= 1
+    assert qemu_pids(sid) == [] and vm.run_dirs() == []
+
+
+def test_guest_that_never_becomes_ready_fails_clearly_within_the_bound(vm, tmp_path):
+    # busybox as /init boots but never speaks the protocol.
+    vm.env["MATCHLOCK_GUEST"] = "/bin/busybox"
+    start = time.monotonic()
+    r = vm.run("run", "--boot-timeout", "5", "--image", "busybox:latest", "--", "true",
+               timeout=60)
+    assert r.returncode != 0
+    assert "did not become ready within 5 s" in r.stderr
+    assert time.monotonic() - start < 30
+    assert vm.sandboxes() == [] and vm.run_dirs() == []
+
+
+def test_accel_auto_lands_on_tcg_or_working_kvm_without_hanging(vm):
+    vm.env.pop("MATCHLOCK_ACCEL")
+    start = time.monotonic()
+    r = vm.run("run", "--accel", "auto", "--image", "busybox:latest", "--", "echo", "ok",
+               timeout=120)
+    assert r.returncode == 0 and r.stdout == "ok\n", r.stderr
+    assert time.monotonic() - start < 60
