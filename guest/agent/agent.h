@@ -24,6 +24,8 @@ class Agent {
     /// instead of exiting. For a socket (tests) EOF ends the agent.
     bool reconnectable = false;
     std::string version = "0.1.0";
+    /// cgroup.procs file every exec'd process joins ("" = none).
+    std::string cgroup_procs;
   };
 
   /// Takes ownership of `channel` (made non-blocking). Blocks SIGCHLD for its signalfd.

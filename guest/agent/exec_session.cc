@@ -62,8 +62,12 @@ void writeAll(int fd, const void* data, size_t len) {
 }  // namespace
 
 ExecSession::ExecSession(ev::Loop& loop, guestproto::Mux& mux, uint32_t stream,
-                         std::function<void()> activity)
-    : loop_(loop), mux_(mux), stream_(stream), activity_(std::move(activity)) {}
+                         std::function<void()> activity, std::string cgroup_procs)
+    : loop_(loop),
+      mux_(mux),
+      stream_(stream),
+      activity_(std::move(activity)),
+      cgroup_procs_(std::move(cgroup_procs)) {}
 
 ExecSession::~ExecSession() {
   // Watches before fds (Watch does not own the fd).
@@ -217,6 +221,7 @@ void ExecSession::start(std::string_view payload) {
     return;
   }
   std::vector<gid_t> groups = user->groups;
+  const char* cgroup = cgroup_procs_.empty() ? nullptr : cgroup_procs_.c_str();
   uid_t uid = user->uid;
   gid_t gid = user->gid;
 
@@ -234,16 +239,22 @@ void ExecSession::start(std::string_view payload) {
       ::signal(sig, SIG_DFL);
     }
     ::setsid();  // own session and process group: cancel signals the whole group
+    if (cgroup != nullptr) {
+      int cg = ::open(cgroup, O_WRONLY | O_CLOEXEC);
+      if (cg >= 0) {
+        writeAll(cg, "0", 1);  // "0" = the writing process: the sandbox's cgroup (cpu.max)
+        (void)::close(cg);
+      }
+    }
     int stage = 0;
+    int in_fd = tty_ ? pty_slave.get() : child_in.get();
+    int out_fd = tty_ ? pty_slave.get() : child_out.get();
+    int err_fd = tty_ ? pty_slave.get() : child_err.get();
     if (tty_) {
       ::ioctl(pty_slave.get(), TIOCSCTTY, 0);
-      ::dup2(pty_slave.get(), 0);
-      ::dup2(pty_slave.get(), 1);
-      ::dup2(pty_slave.get(), 2);
-    } else {
-      ::dup2(child_in.get(), 0);
-      ::dup2(child_out.get(), 1);
-      ::dup2(child_err.get(), 2);
+    }
+    if (::dup2(in_fd, 0) < 0 || ::dup2(out_fd, 1) < 0 || ::dup2(err_fd, 2) < 0) {
+      ::_exit(126);
     }
     stage = 1;
     if (::chdir(cwd.c_str()) == 0) {

@@ -24,8 +24,8 @@ class ExecSession {
  public:
   /// `activity` runs whenever the session queued something on the mux or finished, so the owner
   /// can flush the channel (the session's own fd callbacks run outside the owner's code paths).
-  ExecSession(ev::Loop& loop, guestproto::Mux& mux, uint32_t stream,
-              std::function<void()> activity);
+  ExecSession(ev::Loop& loop, guestproto::Mux& mux, uint32_t stream, std::function<void()> activity,
+              std::string cgroup_procs = "");
   ExecSession(const ExecSession&) = delete;
   ExecSession& operator=(const ExecSession&) = delete;
   ExecSession(ExecSession&&) = delete;
@@ -60,6 +60,7 @@ class ExecSession {
   guestproto::Mux& mux_;
   uint32_t stream_;
   std::function<void()> activity_;
+  std::string cgroup_procs_;
   guestproto::ExecMessageReader reader_;
   bool started_ = false;
   bool tty_ = false;

@@ -28,6 +28,7 @@
 #include "ev/loop.h"
 #include "guest/agent/agent.h"
 #include "guest/agent/log.h"
+#include "guest/init/net.h"
 
 namespace matchlock::guest {
 namespace {
@@ -77,7 +78,7 @@ std::string findVirtioPort(const std::string& name) {
   return found;
 }
 
-int serve(Fd channel, bool reconnectable) {
+int serve(Fd channel, bool reconnectable, const std::string& cgroup_procs = "") {
   auto loop = ev::Loop::create();
   if (!loop) {
     logLine("event loop: {}", loop.error().toString());
@@ -85,6 +86,7 @@ int serve(Fd channel, bool reconnectable) {
   }
   Agent::Options opts;
   opts.reconnectable = reconnectable;
+  opts.cgroup_procs = cgroup_procs;
   opts.version = kVersion;
   auto agent = Agent::create(**loop, std::move(channel), opts);
   if (!agent) {
@@ -100,6 +102,9 @@ int serve(Fd channel, bool reconnectable) {
 
 [[noreturn]] void powerOff() {
   ::sync();
+  // Best effort: a read-only root flushes the overlay before the VM ends. Processes that still
+  // hold files open for writing make this fail with EBUSY; sync() above already persisted data.
+  (void)::mount(nullptr, "/", nullptr, MS_REMOUNT | MS_RDONLY, nullptr);
   // The VMM runs with -no-reboot: a reboot request ends it. microvm has no ACPI power button,
   // so RB_POWER_OFF would merely halt.
   ::reboot(RB_AUTOBOOT);
@@ -225,6 +230,23 @@ void writeEtc(const std::string& hostname, const std::string& dns) {
   }
 }
 
+/// Sandbox processes run in one cgroup (v2); a fractional CPU request becomes its cpu.max quota
+/// (vCPUs are the ceiling of the request). Returns the cgroup.procs path, or "" on failure.
+std::string setupCgroup(const std::string& cpus) {
+  mountOne("cgroup2", "/sys/fs/cgroup", "cgroup2", MS_NOSUID | MS_NODEV | MS_NOEXEC, nullptr);
+  writeFile("/sys/fs/cgroup/cgroup.subtree_control", "+cpu +pids +memory");
+  if (::mkdir("/sys/fs/cgroup/sandbox", 0755) != 0 && errno != EEXIST) {
+    logLine("cgroup: {}", std::strerror(errno));
+    return {};
+  }
+  double n = cpus.empty() ? 0 : std::strtod(cpus.c_str(), nullptr);
+  if (n > 0) {
+    long quota = std::max(1000L, static_cast<long>(n * 100000));  // NOLINT(google-runtime-int)
+    writeFile("/sys/fs/cgroup/sandbox/cpu.max", fmt::format("{} 100000", quota));
+  }
+  return "/sys/fs/cgroup/sandbox/cgroup.procs";
+}
+
 [[noreturn]] void init() {
   logLine("init reached");
   ::mkdir("/proc", 0555);
@@ -253,6 +275,21 @@ void writeEtc(const std::string& hostname, const std::string& dns) {
     (void)::sethostname(hostname.data(), hostname.size());
   }
   writeEtc(hostname, kernelParam("matchlock.dns"));
+  if (Status st = bringUpLoopback(); !st) {
+    logLine("network: {}", st.error().toString());
+  }
+  if (std::string ip = kernelParam("matchlock.ip"); !ip.empty()) {
+    NetConfig net;
+    net.address = ip;
+    net.gateway = kernelParam("matchlock.gw");
+    if (std::string mtu = kernelParam("matchlock.mtu"); !mtu.empty()) {
+      net.mtu = std::atoi(mtu.c_str());
+    }
+    if (Status st = configureInterface(net); !st) {
+      logLine("network: {}", st.error().toString());
+    }
+  }
+  std::string cgroup_procs = setupCgroup(kernelParam("matchlock.cpus"));
   ::setenv("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", 1);
   // The device announces its ports after the driver probes: wait for ours, bounded.
   std::string port;
@@ -271,7 +308,7 @@ void writeEtc(const std::string& hostname, const std::string& dns) {
     logLine("open {}: {}", port, std::strerror(errno));
     powerOff();
   }
-  int rc = serve(std::move(channel), true);
+  int rc = serve(std::move(channel), true, cgroup_procs);
   logLine("agent finished ({}); powering off", rc);
   powerOff();
 }

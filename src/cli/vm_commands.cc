@@ -309,7 +309,8 @@ Result<int> runCommand(const RunOptions& o) {
   cfg.vm.accel = accel;
   cfg.vm.disks = {{prepared.rootfs, "image", true}, {run_dir + "/upper.ext4", "upper", false}};
   cfg.vm.kernel_params = {"matchlock.root=serial:image", "matchlock.upper=serial:upper",
-                          "matchlock.hostname=" + sb.hostname};
+                          "matchlock.hostname=" + sb.hostname,
+                          fmt::format("matchlock.cpus={}", o.cpus)};
   cfg.upper_disk_mib = o.disk;
   cfg.upper_disk_path = run_dir + "/upper.ext4";
   cfg.boot_timeout = std::chrono::seconds(o.boot_timeout);
@@ -504,12 +505,14 @@ Status logCommand(const std::string& id, bool follow) {
   for (;;) {
     auto text = readFile(path);
     if (text) {
-      if (text->size() < offset) {
+      std::string content = std::move(*text);
+      if (content.size() < offset) {
         offset = 0;  // truncated: start over
       }
-      std::fwrite(text->data() + offset, 1, text->size() - offset, stdout);
-      std::fflush(stdout);
-      offset = text->size();
+      std::string_view fresh = std::string_view(content).substr(offset);
+      (void)std::fwrite(fresh.data(), 1, fresh.size(), stdout);
+      (void)std::fflush(stdout);
+      offset = content.size();
     } else if (!follow) {
       return makeError(std::move(text).error());
     }
