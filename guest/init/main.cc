@@ -55,27 +55,34 @@ std::string kernelParam(const std::string& name) {
   return {};
 }
 
-/// /dev/vportNpM whose sysfs name is `name`, or "" (no udev in the guest to make the symlink).
-std::string findVirtioPort(const std::string& name) {
-  DIR* dir = ::opendir("/sys/class/virtio-ports");
-  if (dir == nullptr) {
+/// "/dev/<entry>" for the entry of sysfs directory `dir` whose `attribute` file reads `value`,
+/// or "" (there is no udev in the guest to make by-name links).
+std::string findDevice(const std::string& dir, const std::string& attribute,
+                       const std::string& value) {
+  DIR* d = ::opendir(dir.c_str());
+  if (d == nullptr) {
     return {};
   }
   std::string found;
-  while (dirent* e = ::readdir(dir)) {
+  while (dirent* e = ::readdir(d)) {
     if (e->d_name[0] == '.') {
       continue;
     }
-    std::ifstream in(std::string("/sys/class/virtio-ports/") + e->d_name + "/name");
-    std::string port_name;
-    std::getline(in, port_name);
-    if (port_name == name) {
+    std::ifstream in(dir + "/" + e->d_name + "/" + attribute);
+    std::string content;
+    std::getline(in, content);
+    if (content == value) {
       found = std::string("/dev/") + e->d_name;
       break;
     }
   }
-  ::closedir(dir);
+  ::closedir(d);
   return found;
+}
+
+/// The virtio-serial port named `name` (/dev/vportNpM).
+std::string findVirtioPort(const std::string& name) {
+  return findDevice("/sys/class/virtio-ports", "name", name);
 }
 
 int serve(Fd channel, bool reconnectable, const std::string& cgroup_procs = "") {
@@ -119,26 +126,7 @@ std::string resolveDisk(const std::string& spec) {
   if (spec.rfind("serial:", 0) != 0) {
     return spec;
   }
-  std::string want = spec.substr(7);
-  DIR* dir = ::opendir("/sys/block");
-  if (dir == nullptr) {
-    return {};
-  }
-  std::string found;
-  while (dirent* e = ::readdir(dir)) {
-    if (e->d_name[0] == '.') {
-      continue;
-    }
-    std::ifstream in(std::string("/sys/block/") + e->d_name + "/serial");
-    std::string serial;
-    std::getline(in, serial);
-    if (serial == want) {
-      found = std::string("/dev/") + e->d_name;
-      break;
-    }
-  }
-  ::closedir(dir);
-  return found;
+  return findDevice("/sys/block", "serial", spec.substr(7));
 }
 
 /// Waits (bounded) for a disk: the driver probes asynchronously and devtmpfs adds the node.

@@ -50,9 +50,12 @@ Result<Fd> connectControl(const std::string& path, int timeout_ms) {
   }
 }
 
-bool writeAll(int fd, std::string_view data) {
+/// Writes all of `data` to a blocking fd: send(MSG_NOSIGNAL) for the socket (a vanished
+/// supervisor must not kill us with SIGPIPE), write() for our stdout/stderr.
+bool writeFully(int fd, std::string_view data, bool socket) {
   while (!data.empty()) {
-    ssize_t n = ::send(fd, data.data(), data.size(), MSG_NOSIGNAL);
+    ssize_t n = socket ? ::send(fd, data.data(), data.size(), MSG_NOSIGNAL)
+                       : ::write(fd, data.data(), data.size());
     if (n < 0 && errno == EINTR) {
       continue;
     }
@@ -64,18 +67,11 @@ bool writeAll(int fd, std::string_view data) {
   return true;
 }
 
+bool writeAll(int fd, std::string_view data) {
+  return writeFully(fd, data, true);
+}
 bool writeOut(int fd, std::string_view data) {
-  while (!data.empty()) {
-    ssize_t n = ::write(fd, data.data(), data.size());
-    if (n < 0 && errno == EINTR) {
-      continue;
-    }
-    if (n <= 0) {
-      return false;
-    }
-    data.remove_prefix(static_cast<size_t>(n));
-  }
-  return true;
+  return writeFully(fd, data, false);
 }
 
 /// Puts the local terminal in raw mode for a TTY exec; restores it on destruction.

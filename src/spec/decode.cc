@@ -388,6 +388,18 @@ class Decoder {
   // --- scalars -------------------------------------------------------------------------------
 
   bool interpolated(const std::string& ptr) const { return doc_.interpolated.contains(ptr); }
+  /// A string that interpolation produced may stand for a number (`cpus = "${CPUS}"`): replace
+  /// it in the tree when it parses as JSON of the wanted kind, so the schema check sees it too.
+  template <class Want>
+  void coerceInterpolated(Json& v, const std::string& ptr, Want want) {
+    if (v.is_string() && interpolated(ptr)) {
+      Json parsed = Json::parse(v.get<std::string>(), nullptr, false);
+      if (want(parsed)) {
+        v = std::move(parsed);
+      }
+    }
+  }
+
   /// A value whose interpolation failed was reported already: report nothing more about it.
   bool failed(const std::string& ptr) const { return doc_.interpolation_failed.contains(ptr); }
 
@@ -406,12 +418,7 @@ class Decoder {
     if (failed(ptr)) {
       return std::nullopt;
     }
-    if (v.is_string() && interpolated(ptr)) {
-      Json parsed = Json::parse(v.get<std::string>(), nullptr, false);
-      if (parsed.is_number()) {
-        v = parsed;
-      }
-    }
+    coerceInterpolated(v, ptr, [](const Json& j) { return j.is_number(); });
     if (v.is_number()) {
       return v.get<double>();
     }
@@ -423,12 +430,7 @@ class Decoder {
     if (failed(ptr)) {
       return std::nullopt;
     }
-    if (v.is_string() && interpolated(ptr)) {
-      Json parsed = Json::parse(v.get<std::string>(), nullptr, false);
-      if (parsed.is_number_integer()) {
-        v = parsed;
-      }
-    }
+    coerceInterpolated(v, ptr, [](const Json& j) { return j.is_number_integer(); });
     if (v.is_number_integer()) {
       return v.get<int64_t>();
     }
@@ -472,12 +474,7 @@ class Decoder {
     if (failed(ptr)) {
       return std::nullopt;
     }
-    if (v.is_string() && interpolated(ptr)) {
-      Json parsed = Json::parse(v.get<std::string>(), nullptr, false);
-      if (parsed.is_number_integer()) {
-        v = parsed;
-      }
-    }
+    coerceInterpolated(v, ptr, [](const Json& j) { return j.is_number_integer(); });
     auto mib = parseSizeMib(v);
     if (!mib) {
       error(ptr, mib.error().message());

@@ -10,20 +10,12 @@ import time
 
 import pytest
 
+from framework.kernel import guest_kernel
+
 from framework import guestproto as gp
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 BOOT_BOUND_S = 60
-
-
-def guest_kernel() -> str:
-    path = os.environ.get("MATCHLOCK_KERNEL")
-    if path:
-        return path
-    r = subprocess.run([str(ROOT / "guest/kernel/build.sh")], capture_output=True, text=True,
-                       timeout=1800)
-    assert r.returncode == 0, r.stderr[-4000:]
-    return r.stdout.strip()
 
 
 class BootedVm:

@@ -14,16 +14,15 @@ import time
 
 import pytest
 
+from framework.kernel import guest_kernel
+
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.need_qemu
 
 
 @pytest.fixture(scope="module")
 def kernel():
-    r = subprocess.run([str(ROOT / "guest/kernel/build.sh")], capture_output=True, text=True,
-                       timeout=1800)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return r.stdout.strip()
+    return guest_kernel()
 
 
 @pytest.fixture(scope="module")
