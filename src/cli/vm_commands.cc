@@ -617,7 +617,8 @@ void addVmCommands(CLI::App& app, CommandContext& ctx) {
   r->add_option("--accel", run->accel, "kvm, tcg or auto (MATCHLOCK_ACCEL)")
       ->check(CLI::IsMember({"kvm", "tcg", "auto"}));
   r->add_option("--boot-timeout", run->boot_timeout, "Seconds to wait for the guest to boot");
-  r->add_option("--rm", run->rm, "Remove the sandbox when the command ends (default true)");
+  r->add_flag("--rm", run->rm,
+              "Remove the sandbox when the command ends (default; --rm=false keeps it)");
   r->add_flag("-d,--detach", run->detach, "Start in the background and print the sandbox ID");
   r->add_flag("-i,--interactive", run->interactive, "Forward stdin");
   r->add_flag("-t,--tty", run->tty, "Allocate a terminal (with -i)");

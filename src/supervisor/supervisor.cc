@@ -43,7 +43,7 @@ nlohmann::json toJson(const Config& c) {
   }
   return {{"sandbox_id", c.sandbox_id},
           {"run_dir", c.run_dir},
-          {"qemu", c.qemu_binary},
+          {"backend", c.backend},
           {"kernel", c.vm.kernel},
           {"initramfs", c.vm.initramfs},
           {"cpus", c.vm.cpus},
@@ -62,7 +62,7 @@ Result<Config> configFromJson(const nlohmann::json& j) {
     Config c;
     c.sandbox_id = j.at("sandbox_id").get<std::string>();
     c.run_dir = j.at("run_dir").get<std::string>();
-    c.qemu_binary = j.value("qemu", c.qemu_binary);
+    c.backend = j.value("backend", c.backend);
     c.vm.id = c.sandbox_id;
     c.vm.kernel = j.at("kernel").get<std::string>();
     c.vm.initramfs = j.at("initramfs").get<std::string>();
@@ -269,14 +269,15 @@ Status Supervisor::start() {
   opts.stdout_path = config_.run_dir + "/qemu.log";
   opts.stderr_path = opts.stdout_path;
   (void)::unlink(config_.vm.channel_socket.c_str());
-  ML_ASSIGN_OR_RETURN(
-      qemu_, sys::ChildProcess::spawn(vm::qemu::buildArgv(config_.vm, config_.qemu_binary), opts));
-  ML_LOG(supervisor, info, "sandbox {}: qemu pid {}", config_.sandbox_id, qemu_.pid());
+  ML_ASSIGN_OR_RETURN(vm::BackendPtr backend, vm::makeBackend(config_.backend));
+  ML_ASSIGN_OR_RETURN(qemu_, backend->start(config_.vm, opts));
+  ML_LOG(supervisor, info, "sandbox {}: {} pid {}", config_.sandbox_id, backend->name(),
+         qemu_.pid());
   if (store_) {
     state::VmRecord vm;
     vm.id = config_.sandbox_id;
     vm.sandbox_id = config_.sandbox_id;
-    vm.backend = "qemu";
+    vm.backend = config_.backend;
     vm.process = sys::ProcessRef{qemu_.pid(), qemu_.startTime()};
     vm.status = state::VmStatus::Starting;
     if (Status st = store_->upsertVm(vm); !st) {

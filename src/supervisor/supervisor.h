@@ -15,9 +15,9 @@ namespace matchlock::supervisor {
 /// supervisor process, so that the supervisor needs nothing else to boot and serve the sandbox.
 struct Config {
   std::string sandbox_id;
-  std::string run_dir;  ///< 0700; holds the sockets, logs and the upper disk
-  vm::VmConfig vm;      ///< kernel, initramfs, disks, cpus, memory, sockets, kernel params
-  std::string qemu_binary = "qemu-system-x86_64";
+  std::string run_dir;           ///< 0700; holds the sockets, logs and the upper disk
+  vm::VmConfig vm;               ///< kernel, initramfs, disks, cpus, memory, sockets, kernel params
+  std::string backend = "qemu";  ///< vm::makeBackend name
   /// Size of the writable upper disk created (sparse, ext4) at start; 0 = do not create one.
   int64_t upper_disk_mib = 0;
   std::string upper_disk_path;

@@ -2,11 +2,13 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <string_view>
 #include <vector>
 
 #include "common/result.h"
+#include "sys/process.h"
 
 namespace matchlock::vm {
 
@@ -39,5 +41,28 @@ struct VmConfig {
 
 /// vCPU count for a fractional CPU request.
 int vcpuCount(double cpus);
+
+/// A VMM that boots a VmConfig. The QEMU microvm backend (vm/qemu) is the tested one here; a
+/// Firecracker backend fits the same shape (spawn the VMM, configure it over its API socket,
+/// expose the guest stream on a UNIX socket: hybrid vsock `CONNECT <port>` instead of a
+/// virtio-serial chardev). The supervisor owns the returned process and watches its pidfd.
+class Backend {
+ public:
+  virtual ~Backend() = default;
+  Backend() = default;
+  Backend(const Backend&) = delete;
+  Backend& operator=(const Backend&) = delete;
+  Backend(Backend&&) = delete;
+  Backend& operator=(Backend&&) = delete;
+
+  virtual std::string_view name() const = 0;
+  /// Starts the VMM for `config` with its stdout/stderr going where `io` says. When it returns,
+  /// the guest is booting; readiness is the guest's business (port 5002).
+  virtual Result<sys::ChildProcess> start(const VmConfig& config, const sys::SpawnOptions& io) = 0;
+};
+using BackendPtr = std::unique_ptr<Backend>;
+
+/// The backend called `name` ("qemu"); NotFound for backends this build does not have.
+Result<BackendPtr> makeBackend(std::string_view name);
 
 }  // namespace matchlock::vm

@@ -211,3 +211,14 @@ def test_accel_auto_lands_on_tcg_or_working_kvm_without_hanging(vm):
                timeout=120)
     assert r.returncode == 0 and r.stdout == "ok\n", r.stderr
     assert time.monotonic() - start < 60
+
+
+def test_rm_false_keeps_the_sandbox_running(vm):
+    r = vm.run("run", "--rm=false", "--image", "busybox:latest", "--", "echo", "kept")
+    assert r.returncode == 0 and r.stdout == "kept\n", r.stderr
+    assert "is running" in r.stderr
+    [row] = vm.sandboxes()
+    assert row["status"] == "running"
+    assert vm.run("exec", row["id"], "--", "echo", "again", check=True).stdout == "again\n"
+    assert vm.run("rm", "-f", row["id"]).returncode == 0
+    assert vm.sandboxes() == [] and vm.run_dirs() == []

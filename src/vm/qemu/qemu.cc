@@ -46,7 +46,22 @@ int vcpuCount(double cpus) {
   return std::max(1, static_cast<int>(std::ceil(cpus)));
 }
 
+Result<BackendPtr> makeBackend(std::string_view name) {
+  if (name == "qemu") {
+    return BackendPtr(std::make_unique<qemu::QemuBackend>());
+  }
+  return makeError(Errc::NotFound,
+                   fmt::format("VM backend '{}' is not available (this build has: qemu)", name));
+}
+
 namespace qemu {
+
+Result<sys::ChildProcess> QemuBackend::start(const VmConfig& config, const sys::SpawnOptions& io) {
+  if (config.accel == Accel::Auto) {
+    return makeError(Errc::Internal, "QemuBackend::start needs a resolved accelerator");
+  }
+  return sys::ChildProcess::spawn(buildArgv(config, binary_), io);
+}
 
 std::vector<std::string> buildArgv(const VmConfig& c, const std::string& qemu_binary) {
   std::vector<std::string> argv = {

@@ -10,6 +10,17 @@
 
 namespace matchlock::vm::qemu {
 
+/// The QEMU microvm backend.
+class QemuBackend : public Backend {
+ public:
+  explicit QemuBackend(std::string binary = "qemu-system-x86_64") : binary_(std::move(binary)) {}
+  std::string_view name() const override { return "qemu"; }
+  Result<sys::ChildProcess> start(const VmConfig& config, const sys::SpawnOptions& io) override;
+
+ private:
+  std::string binary_;
+};
+
 /// qemu-system-x86_64 arguments for a microvm booting `config` (pure; tested as such).
 /// microvm runs with acpi=off so that QEMU lists the virtio-mmio devices on the kernel command
 /// line (our kernel has no ACPI), and with -no-reboot so that the guest's reboot ends QEMU.

@@ -158,3 +158,15 @@ TEST_CASE("KVM probe falls back to TCG within its bound and caches the answer") 
   CHECK(vm::qemu::resolveAccel(vm::Accel::Tcg, "x", "y", "z", dir) == vm::Accel::Tcg);
   run("rm -rf " + dir);
 }
+
+TEST_CASE("backends by name") {
+  auto qemu = vm::makeBackend("qemu");
+  REQUIRE(qemu.has_value());
+  CHECK((*qemu)->name() == "qemu");
+  auto fc = vm::makeBackend("firecracker");
+  REQUIRE_FALSE(fc.has_value());
+  CHECK(fc.error().code() == Errc::NotFound);
+  vm::VmConfig unresolved;
+  unresolved.accel = vm::Accel::Auto;
+  CHECK((*qemu)->start(unresolved, {}).error().code() == Errc::Internal);
+}
