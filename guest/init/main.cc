@@ -132,12 +132,12 @@ std::string resolveDisk(const std::string& spec) {
 /// Waits (bounded) for a disk: the driver probes asynchronously and devtmpfs adds the node.
 std::string waitForDisk(const std::string& spec) {
   struct stat st {};
-  for (int i = 0; i < 250; ++i) {
+  for (int i = 0; i < 1000; ++i) {
     std::string path = resolveDisk(spec);
     if (!path.empty() && ::stat(path.c_str(), &st) == 0) {
       return path;
     }
-    ::usleep(20000);
+    ::usleep(5000);  // 5 s in all
   }
   return {};
 }
@@ -281,10 +281,10 @@ std::string setupCgroup(const std::string& cpus) {
   ::setenv("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", 1);
   // The device announces its ports after the driver probes: wait for ours, bounded.
   std::string port;
-  for (int i = 0; i < 250 && port.empty(); ++i) {
+  for (int i = 0; i < 1000 && port.empty(); ++i) {
     port = findVirtioPort(kChannelName);
     if (port.empty()) {
-      ::usleep(20000);
+      ::usleep(5000);  // 5 s in all
     }
   }
   if (port.empty()) {

@@ -46,7 +46,7 @@ Result<Fd> connectControl(const std::string& path, int timeout_ms) {
       return makeError(Errc::Unavailable,
                        fmt::format("sandbox supervisor not reachable at {}", path), err);
     }
-    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
   }
 }
 

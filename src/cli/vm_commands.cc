@@ -154,7 +154,7 @@ void killProcesses(state::Store& store, const state::SandboxRecord& r) {
       (void)::kill(ref.pid, SIGKILL);
     }
   }
-  for (int i = 0; i < 200; ++i) {
+  for (int i = 0; i < 1000; ++i) {  // 5 s bound
     bool any = false;
     for (const auto& ref : refs) {
       any = any || sys::isAlive(ref);
@@ -162,7 +162,7 @@ void killProcesses(state::Store& store, const state::SandboxRecord& r) {
     if (!any) {
       return;
     }
-    std::this_thread::sleep_for(std::chrono::milliseconds(25));
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
   }
 }
 

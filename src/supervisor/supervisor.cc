@@ -287,7 +287,7 @@ Status Supervisor::start() {
   ML_ASSIGN_OR_RETURN(
       qemu_watch_, loop_.watch(qemu_.pidfd().get(), ev::kRead, [this](uint32_t) { onQemuExit(); }));
   ML_ASSIGN_OR_RETURN(connect_timer_, loop_.timer([this] { tryConnectChannel(); }));
-  ML_RETURN_IF_ERROR(connect_timer_.arm(std::chrono::milliseconds(20)));
+  ML_RETURN_IF_ERROR(connect_timer_.arm(std::chrono::milliseconds(5)));
   ML_ASSIGN_OR_RETURN(boot_timer_, loop_.timer([this] { onBootTimeout(); }));
   ML_RETURN_IF_ERROR(boot_timer_.arm(config_.boot_timeout));
   ML_ASSIGN_OR_RETURN(stop_timer_, loop_.timer([this] {
@@ -301,7 +301,7 @@ Status Supervisor::start() {
 void Supervisor::tryConnectChannel() {
   auto fd = connectUnix(config_.vm.channel_socket);
   if (!fd) {
-    (void)connect_timer_.arm(std::chrono::milliseconds(20));  // QEMU has not bound it yet
+    (void)connect_timer_.arm(std::chrono::milliseconds(5));  // QEMU has not bound it yet
     return;
   }
   channel_ = std::move(*fd);
