@@ -89,6 +89,10 @@ std::string newSandboxId() {
 /// this matchlock was built with.
 Result<std::string> findKernel() {
   if (const char* env = std::getenv("MATCHLOCK_KERNEL"); env != nullptr && *env != '\0') {
+    if (::access(env, R_OK) != 0) {
+      return makeError(Errc::NotFound, fmt::format("MATCHLOCK_KERNEL={}: cannot read it", env),
+                       errno);
+    }
     return std::string(env);
   }
   ML_ASSIGN_OR_RETURN(std::string cache, cacheDir());
@@ -369,14 +373,19 @@ Result<int> runCommand(const RunOptions& o) {
     eo.connect_timeout_ms = 10000;
     auto r = runExec(control, eo);
     if (!r) {
+      // The supervisor records why a sandbox failed to start: that beats "not reachable".
+      Error err = std::move(r).error();
+      auto current = store.getSandbox(id);
+      if (current && current->last_error && !current->last_error->empty()) {
+        err = Error(Errc::Unavailable, *current->last_error);
+      }
       if (!keep) {
-        auto current = store.getSandbox(id);
         if (current) {
           stopSandbox(store, *current, run_dir);
         }
-        return cleanup(std::move(r).error());
+        return cleanup(std::move(err));
       }
-      return makeError(std::move(r).error());
+      return makeError(std::move(err));
     }
     code = *r;
   }

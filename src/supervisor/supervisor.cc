@@ -194,6 +194,8 @@ class Supervisor {
 
   Status start();
   Status result() const { return result_; }
+  /// Records why the sandbox could not start (the CLI reports the recorded error).
+  void startFailed(const Error& error) { record(state::SandboxStatus::Failed, error.toString()); }
 
  private:
   void record(state::SandboxStatus status, const std::string& error = "");
@@ -692,6 +694,7 @@ Status run(const Config& config) {
   ML_ASSIGN_OR_RETURN(auto loop, ev::Loop::create());
   Supervisor s(config, *loop);
   if (Status st = s.start(); !st) {
+    s.startFailed(st.error());
     return st;
   }
   ML_RETURN_IF_ERROR(loop->run());

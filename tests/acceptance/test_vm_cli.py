@@ -222,3 +222,15 @@ def test_rm_false_keeps_the_sandbox_running(vm):
     assert vm.run("exec", row["id"], "--", "echo", "again", check=True).stdout == "again\n"
     assert vm.run("rm", "-f", row["id"]).returncode == 0
     assert vm.sandboxes() == [] and vm.run_dirs() == []
+
+
+def test_bad_inputs_fail_before_any_state_exists(vm):
+    vm.env["MATCHLOCK_KERNEL"] = "/nonexistent/vmlinux"
+    r = vm.run("run", "--image", "busybox:latest", "--", "true")
+    assert r.returncode == 66 and "MATCHLOCK_KERNEL=/nonexistent/vmlinux" in r.stderr
+    vm.env.pop("MATCHLOCK_KERNEL")
+    r = vm.run("run", "--image", "no-such-image:latest", "--", "true")
+    assert r.returncode == 65 and "no-such-image" in r.stderr
+    r = vm.run("run", "-d", "-it", "--image", "busybox:latest")
+    assert r.returncode == 65 and "--detach cannot be combined" in r.stderr
+    assert vm.sandboxes() == [] and vm.run_dirs() == []
