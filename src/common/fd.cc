@@ -47,9 +47,8 @@ Result<Fd> openFile(const std::string& path, int flags, unsigned mode) {
   return Fd(fd);
 }
 
-Result<std::string> readFile(const std::string& path) {
+Status readFileChunks(const std::string& path, const std::function<void(std::string_view)>& chunk) {
   ML_ASSIGN_OR_RETURN(Fd fd, openFile(path, O_RDONLY));
-  std::string out;
   char buf[65536];
   for (;;) {
     ssize_t n = ::read(fd.get(), buf, sizeof(buf));
@@ -60,10 +59,15 @@ Result<std::string> readFile(const std::string& path) {
       return makeError(Errc::System, fmt::format("read {}", path), errno);
     }
     if (n == 0) {
-      break;
+      return ok();
     }
-    out.append(buf, static_cast<size_t>(n));
+    chunk(std::string_view(buf, static_cast<size_t>(n)));
   }
+}
+
+Result<std::string> readFile(const std::string& path) {
+  std::string out;
+  ML_RETURN_IF_ERROR(readFileChunks(path, [&](std::string_view c) { out.append(c); }));
   return out;
 }
 

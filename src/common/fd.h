@@ -1,7 +1,9 @@
 // SPDX-License-Identifier: Apache-2.0
 #pragma once
 
+#include <functional>
 #include <string>
+#include <string_view>
 
 #include "common/result.h"
 
@@ -53,6 +55,9 @@ Result<Fd> openFile(const std::string& path, int flags, unsigned mode = 0);
 
 /// Reads a whole file into a string.
 Result<std::string> readFile(const std::string& path);
+
+/// Streams a file through `chunk` (64 KiB at a time) without holding it in memory.
+Status readFileChunks(const std::string& path, const std::function<void(std::string_view)>& chunk);
 
 /// Writes `data` to `path` atomically (temp file in the same directory, fsync, rename).
 Status writeFileAtomic(const std::string& path, std::string_view data, unsigned mode = 0644);

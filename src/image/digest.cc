@@ -1,11 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
 #include "image/digest.h"
 
-#include <fcntl.h>
 #include <fmt/format.h>
-#include <unistd.h>
-
-#include <cerrno>
 
 #include "common/fd.h"
 #include "common/strings.h"
@@ -61,22 +57,8 @@ Digest digestOf(std::string_view data) {
 }
 
 Result<Digest> digestOfFile(const std::string& path) {
-  ML_ASSIGN_OR_RETURN(Fd fd, openFile(path, O_RDONLY));
   Sha256 h;
-  char buf[1 << 16];
-  for (;;) {
-    ssize_t n = ::read(fd.get(), buf, sizeof(buf));
-    if (n < 0) {
-      if (errno == EINTR) {
-        continue;
-      }
-      return makeError(Errc::System, fmt::format("read {}", path), errno);
-    }
-    if (n == 0) {
-      break;
-    }
-    h.update(std::string_view(buf, static_cast<size_t>(n)));
-  }
+  ML_RETURN_IF_ERROR(readFileChunks(path, [&](std::string_view c) { h.update(c); }));
   return h.finish();
 }
 
