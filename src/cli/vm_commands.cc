@@ -297,8 +297,12 @@ Result<int> runCommand(const RunOptions& o) {
   };
   // Intents first: a crash between here and the supervisor's start leaves records that
   // `matchlock prune` (and the reconciler) use to clean up.
-  (void)store.recordResourceIntent(id, state::ResourceKind::RunDir, run_dir, "{}");
-  (void)store.recordResourceIntent(id, state::ResourceKind::Disk, run_dir + "/upper.ext4", "{}");
+  for (auto [kind, name] : {std::pair{state::ResourceKind::RunDir, run_dir},
+                            std::pair{state::ResourceKind::Disk, run_dir + "/upper.ext4"}}) {
+    if (auto intent = store.recordResourceIntent(id, kind, name, "{}"); !intent) {
+      return cleanup(std::move(intent).error());
+    }
+  }
   if (Status st = makeDirs(run_dir, 0700); !st) {
     return cleanup(std::move(st).error());
   }
@@ -335,7 +339,12 @@ Result<int> runCommand(const RunOptions& o) {
   if (!sup) {
     return cleanup(std::move(sup).error());
   }
-  (void)store.setSupervisor(id, sys::ProcessRef{sup->pid(), sup->startTime()});
+  // Unrecorded, the supervisor could be neither observed nor killed later: give up instead,
+  // killing it before its run directory goes.
+  if (Status st = store.setSupervisor(id, sys::ProcessRef{sup->pid(), sup->startTime()}); !st) {
+    (void)sup->terminate(std::chrono::milliseconds(0));
+    return cleanup(std::move(st).error());
+  }
   sup->detach();  // the supervisor is reparented to init when we exit; its state is in the DB
 
   std::string control = supervisor::controlSocketPath(run_dir);
