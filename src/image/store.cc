@@ -5,7 +5,6 @@
 #include <fcntl.h>
 #include <fmt/chrono.h>
 #include <fmt/format.h>
-#include <sys/file.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -72,17 +71,6 @@ std::string nowTimestamp() {
   std::tm tm{};
   ::gmtime_r(&t, &tm);
   return fmt::format("{:%Y-%m-%dT%H:%M:%SZ}", tm);
-}
-
-Result<FileLock> FileLock::acquire(const std::string& path, Mode mode) {
-  ML_ASSIGN_OR_RETURN(Fd fd, openFile(path, O_RDWR | O_CREAT, 0600));
-  int op = mode == Mode::Shared ? LOCK_SH : LOCK_EX;
-  while (::flock(fd.get(), op) != 0) {
-    if (errno != EINTR) {
-      return makeError(Errc::System, fmt::format("flock {}", path), errno);
-    }
-  }
-  return FileLock(std::move(fd));
 }
 
 TempFile::~TempFile() {

@@ -9,22 +9,14 @@
 #include <vector>
 
 #include "common/fd.h"
+#include "common/file_lock.h"
 #include "common/result.h"
 #include "image/digest.h"
 #include "state/db.h"
 
 namespace matchlock::image {
 
-/// An flock held until destruction (closing the descriptor releases it).
-class FileLock {
- public:
-  enum class Mode { Shared, Exclusive };
-  [[nodiscard]] static Result<FileLock> acquire(const std::string& path, Mode mode);
-
- private:
-  explicit FileLock(Fd fd) : fd_(std::move(fd)) {}
-  Fd fd_;
-};
+using matchlock::FileLock;
 
 struct LayerRecord {
   std::string digest;

@@ -168,7 +168,8 @@ Status validateProcessRef(const std::optional<ProcessRef>& ref) {
 
 constexpr std::string_view kSandboxColumns =
     "id, project, name, source_file, spec_json, spec_hash, group_hashes, secrets_hash, status, "
-    "generation, supervisor_pid, supervisor_start_time, last_error, created_at, updated_at";
+    "generation, supervisor_pid, supervisor_start_time, last_error, created_at, updated_at, "
+    "image_digest";
 
 Result<SandboxRecord> readSandbox(const Statement& stmt) {
   SandboxRecord r;
@@ -186,6 +187,7 @@ Result<SandboxRecord> readSandbox(const Statement& stmt) {
   r.last_error = stmt.columnOptText(12);
   r.created_at = stmt.columnText(13);
   r.updated_at = stmt.columnText(14);
+  r.image_digest = stmt.columnOptText(15);
   return r;
 }
 
@@ -416,6 +418,20 @@ Status Store::upsertProject(std::string_view name) {
   });
 }
 
+Result<bool> Store::deleteProjectIfEmpty(std::string_view name) {
+  return inWriteTransaction([&]() -> Result<bool> {
+    ML_ASSIGN_OR_RETURN(Statement stmt,
+                        db_.prepare("DELETE FROM projects WHERE name = ?1 AND NOT EXISTS "
+                                    "(SELECT 1 FROM sandboxes WHERE project = ?1) RETURNING name"));
+    ML_RETURN_IF_ERROR(stmt.bindAll(name));
+    ML_ASSIGN_OR_RETURN(bool row, stmt.step());
+    if (row) {
+      ML_RETURN_IF_ERROR(stmt.run());
+    }
+    return row;
+  });
+}
+
 Result<std::vector<ProjectRecord>> Store::listProjects() {
   ML_ASSIGN_OR_RETURN(
       Statement stmt,
@@ -447,16 +463,16 @@ Result<SandboxRecord> Store::createSandbox(const SandboxRecord& record) {
       ML_RETURN_IF_ERROR(project.bindAll(record.project, now));
       ML_RETURN_IF_ERROR(project.run());
     }
-    ML_ASSIGN_OR_RETURN(
-        Statement stmt,
-        db_.prepare(fmt::format("INSERT INTO sandboxes ({}) VALUES "
-                                "(?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, 1, ?10, ?11, ?12, ?13, ?13)",
-                                kSandboxColumns)));
-    ML_RETURN_IF_ERROR(stmt.bindAll(record.id, record.project, record.name, record.source_file,
-                                    record.spec_json, record.spec_hash,
-                                    encodeGroupHashes(record.group_hashes), record.secrets_hash,
-                                    sandboxStatusName(record.status), pidOf(record.supervisor),
-                                    startTimeOf(record.supervisor), record.last_error, now));
+    ML_ASSIGN_OR_RETURN(Statement stmt,
+                        db_.prepare(fmt::format(
+                            "INSERT INTO sandboxes ({}) VALUES "
+                            "(?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, 1, ?10, ?11, ?12, ?13, ?13, ?14)",
+                            kSandboxColumns)));
+    ML_RETURN_IF_ERROR(
+        stmt.bindAll(record.id, record.project, record.name, record.source_file, record.spec_json,
+                     record.spec_hash, encodeGroupHashes(record.group_hashes), record.secrets_hash,
+                     sandboxStatusName(record.status), pidOf(record.supervisor),
+                     startTimeOf(record.supervisor), record.last_error, now, record.image_digest));
     ML_RETURN_IF_ERROR(stmt.run());
     ML_ASSIGN_OR_RETURN(auto stored, querySandbox(db_, record.id));
     if (!stored.has_value()) {
@@ -518,10 +534,10 @@ Result<int64_t> Store::updateSandboxSpec(std::string_view id, const SandboxSpecU
         Statement stmt,
         db_.prepare("UPDATE sandboxes SET source_file = ?2, spec_json = ?3, spec_hash = ?4, "
                     "group_hashes = ?5, secrets_hash = ?6, generation = generation + 1, "
-                    "updated_at = ?7 WHERE id = ?1 RETURNING generation"));
+                    "updated_at = ?7, image_digest = ?8 WHERE id = ?1 RETURNING generation"));
     ML_RETURN_IF_ERROR(stmt.bindAll(id, update.source_file, update.spec_json, update.spec_hash,
                                     encodeGroupHashes(update.group_hashes), update.secrets_hash,
-                                    nowTimestamp()));
+                                    nowTimestamp(), update.image_digest));
     ML_ASSIGN_OR_RETURN(bool row, stmt.step());
     if (!row) {
       return makeError(Errc::NotFound, fmt::format("sandbox '{}' not found", id));

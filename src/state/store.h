@@ -68,6 +68,8 @@ struct SandboxRecord {
   std::optional<std::string> last_error;
   std::string created_at;  ///< set by the store
   std::string updated_at;  ///< set by the store
+  /// Manifest digest of the image the sandbox was last booted from (absent: unknown).
+  std::optional<std::string> image_digest;
 };
 
 /// The fields of a new applied spec (updateSandboxSpec).
@@ -77,6 +79,7 @@ struct SandboxSpecUpdate {
   std::string spec_hash;
   std::map<std::string, std::string> group_hashes;
   std::optional<std::string> secrets_hash;
+  std::optional<std::string> image_digest;
 };
 
 struct VmRecord {
@@ -164,6 +167,8 @@ class Store {
   // Projects.
   [[nodiscard]] Status upsertProject(std::string_view name);
   [[nodiscard]] Result<std::vector<ProjectRecord>> listProjects();
+  /// Deletes the project row when no sandbox belongs to it; returns whether it was deleted.
+  [[nodiscard]] Result<bool> deleteProjectIfEmpty(std::string_view name);
 
   // Sandboxes.
   /// Inserts a sandbox (creating its project if needed). Conflict if the id or (project, name)
