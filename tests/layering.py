@@ -23,9 +23,11 @@ ALLOWED = {
     "vfs": {"common", "sys", "ev", "guestproto"},
     "reconcile": {"common", "ev", "spec", "state", "vm", "net", "vfs", "image"},
     "supervisor": {"common", "sys", "ev", "guestproto", "spec", "state", "vm", "image", "net", "vfs"},
+    "runtime": {"common", "sys", "ev", "guestproto", "spec", "state", "image", "vm", "supervisor",
+                "reconcile"},
     "rpc": {"common", "ev", "spec"},
     "cli": {"common", "spec", "state", "rpc", "reconcile", "image", "vm", "net", "vfs", "sys", "ev",
-            "supervisor", "guestproto"},
+            "supervisor", "guestproto", "runtime"},
     "app": None,  # composition root: anything
 }
 # reconcile may use only interface headers (module root), never implementation subfolders.

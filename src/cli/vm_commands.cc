@@ -18,7 +18,6 @@
 #include <nlohmann/json.hpp>
 
 #include "cli/commands.h"
-#include "cli/exec_client.h"
 #include "cli/output.h"
 #include "common/fd.h"
 #include "common/log.h"
@@ -26,14 +25,14 @@
 #include "common/strings.h"
 #include "image/image.h"
 #include "ml_version.h"
+#include "runtime/exec_client.h"
+#include "runtime/sandbox.h"
 #include "spec/model.h"
 #include "spec/normalize.h"
 #include "state/store.h"
 #include "supervisor/supervisor.h"
 #include "sys/process.h"
 #include "sys/process_ref.h"
-#include "vm/initramfs.h"
-#include "vm/qemu/qemu.h"
 
 namespace matchlock::cli {
 namespace {
@@ -69,62 +68,7 @@ struct ExecOptions {
   bool tty = false;
 };
 
-Result<std::string> runRoot() {
-  ML_ASSIGN_OR_RETURN(std::string home, matchlockHome());
-  std::string root = home + "/run";
-  ML_RETURN_IF_ERROR(makeDirs(root, 0700));
-  return root;
-}
-
-std::string newSandboxId() {
-  unsigned char bytes[4] = {};
-  if (::getrandom(bytes, sizeof(bytes), 0) != static_cast<ssize_t>(sizeof(bytes))) {
-    auto now = std::chrono::steady_clock::now().time_since_epoch().count();
-    std::memcpy(bytes, &now, sizeof(bytes));
-  }
-  return "vm-" + toHex(std::string_view(reinterpret_cast<const char*>(bytes), sizeof(bytes)));
-}
-
-/// The guest kernel: MATCHLOCK_KERNEL, else the one guest/kernel/build.sh caches for the config
-/// this matchlock was built with.
-Result<std::string> findKernel() {
-  if (const char* env = std::getenv("MATCHLOCK_KERNEL"); env != nullptr && *env != '\0') {
-    if (::access(env, R_OK) != 0) {
-      return makeError(Errc::NotFound, fmt::format("MATCHLOCK_KERNEL={}: cannot read it", env),
-                       errno);
-    }
-    return std::string(env);
-  }
-  ML_ASSIGN_OR_RETURN(std::string cache, cacheDir());
-  std::string path = fmt::format("{}/kernels/{}/vmlinux", cache, kKernelKey);
-  if (::access(path.c_str(), R_OK) == 0) {
-    return path;
-  }
-  return makeError(Errc::NotFound,
-                   fmt::format("guest kernel not found at {}: build it with guest/kernel/build.sh "
-                               "(scripts/setup does) or set MATCHLOCK_KERNEL",
-                               path));
-}
-
-/// matchlock-guest: MATCHLOCK_GUEST, else next to this executable.
-Result<std::string> findGuest() {
-  if (const char* env = std::getenv("MATCHLOCK_GUEST"); env != nullptr && *env != '\0') {
-    return std::string(env);
-  }
-  std::error_code ec;
-  fs::path self = fs::read_symlink("/proc/self/exe", ec);
-  std::string path = (self.parent_path() / "matchlock-guest").string();
-  if (!ec && ::access(path.c_str(), X_OK) == 0) {
-    return path;
-  }
-  return makeError(Errc::NotFound,
-                   "matchlock-guest not found next to matchlock; set "
-                   "MATCHLOCK_GUEST");
-}
-
-std::string runDirOf(const std::string& root, const std::string& id) {
-  return root + "/" + id;
-}
+using runtime::runDirOf;
 
 bool supervisorAlive(const state::SandboxRecord& r) {
   return r.supervisor && sys::isAlive(*r.supervisor);
@@ -141,65 +85,6 @@ state::SandboxStatus observedStatus(state::Store& store, const state::SandboxRec
     return state::SandboxStatus::Crashed;
   }
   return r.status;
-}
-
-/// Kills whatever of the sandbox still runs (supervisor, then its VMM by recorded pid + start
-/// time, so a reused pid is never hit) and waits, bounded.
-void killProcesses(state::Store& store, const state::SandboxRecord& r) {
-  std::vector<sys::ProcessRef> refs;
-  if (r.supervisor) {
-    refs.push_back(*r.supervisor);
-  }
-  if (auto vm = store.getVm(r.id); vm && vm->process) {
-    refs.push_back(*vm->process);
-  }
-  for (const auto& ref : refs) {
-    if (sys::isAlive(ref)) {
-      (void)::kill(ref.pid, SIGKILL);
-    }
-  }
-  for (int i = 0; i < 1000; ++i) {  // 5 s bound
-    bool any = false;
-    for (const auto& ref : refs) {
-      any = any || sys::isAlive(ref);
-    }
-    if (!any) {
-      return;
-    }
-    std::this_thread::sleep_for(std::chrono::milliseconds(5));
-  }
-}
-
-/// Stops a running sandbox gracefully through its supervisor, then by force. Bounded.
-void stopSandbox(state::Store& store, const state::SandboxRecord& r, const std::string& run_dir) {
-  if (supervisorAlive(r)) {
-    (void)controlRequest(supervisor::controlSocketPath(run_dir), "stop", 2000);
-    for (int i = 0; i < 400 && supervisorAlive(r); ++i) {  // 10 s for a clean power-off
-      std::this_thread::sleep_for(std::chrono::milliseconds(25));
-    }
-  }
-  killProcesses(store, r);
-}
-
-/// Removes every trace: processes, run dir (sockets, logs, upper disk), rows.
-Status removeSandbox(state::Store& store, const state::SandboxRecord& r, const std::string& root) {
-  std::string run_dir = runDirOf(root, r.id);
-  killProcesses(store, r);
-  std::error_code ec;
-  fs::remove_all(run_dir, ec);
-  if (ec) {
-    return makeError(Errc::System, fmt::format("removing {}", run_dir), ec.value());
-  }
-  ML_RETURN_IF_ERROR(store.deleteSandbox(r.id, state::DeleteMode::Force));
-  return ok();
-}
-
-Result<state::SandboxRecord> findSandboxById(state::Store& store, const std::string& id) {
-  auto r = store.getSandbox(id);
-  if (!r && r.error().code() == Errc::NotFound) {
-    return makeError(Errc::NotFound, fmt::format("sandbox {} not found (see matchlock list)", id));
-  }
-  return r;
 }
 
 std::vector<std::string> composeCommand(const image::ImageConfig& config,
@@ -233,12 +118,7 @@ Result<int> runCommand(const RunOptions& o) {
     return makeError(Errc::InvalidSpec,
                      "command required (or use --rm=false / -d to start without a command)");
   }
-  ML_ASSIGN_OR_RETURN(std::string kernel, findKernel());
-  ML_ASSIGN_OR_RETURN(std::string guest, findGuest());
-  ML_ASSIGN_OR_RETURN(std::string cache, cacheDir());
-  ML_ASSIGN_OR_RETURN(std::string initramfs, vm::ensureInitramfs(guest, cache + "/initramfs"));
-  ML_ASSIGN_OR_RETURN(vm::Accel accel, vm::parseAccel(o.accel));
-  accel = vm::qemu::resolveAccel(accel, "qemu-system-x86_64", kernel, initramfs, cache);
+  ML_ASSIGN_OR_RETURN(runtime::BootAssets assets, runtime::resolveBootAssets(o.accel));
 
   std::map<std::string, std::string> env;
   for (const std::string& kv : prepared.config.env) {
@@ -258,7 +138,7 @@ Result<int> runCommand(const RunOptions& o) {
     }
   }
 
-  std::string id = newSandboxId();
+  std::string id = runtime::newSandboxId();
   spec::SandboxSpec sb;
   sb.name = id;
   sb.image = o.image;
@@ -275,94 +155,27 @@ Result<int> runCommand(const RunOptions& o) {
   }
   sb.network.no_network = true;  // networking joins with the network issue
 
-  ML_ASSIGN_OR_RETURN(std::string root, runRoot());
+  ML_ASSIGN_OR_RETURN(std::string root, runtime::runRoot());
   std::string run_dir = runDirOf(root, id);
   ML_ASSIGN_OR_RETURN(auto store, state::Store::openDefault());
-  state::SandboxRecord rec;
-  rec.id = id;
-  rec.project = kAdhocProject;
-  rec.name = id;
-  rec.spec_json = spec::toJson(sb).dump();
-  rec.spec_hash = spec::specHash(sb);
-  rec.group_hashes = spec::groupHashes(sb);
-  rec.status = state::SandboxStatus::Creating;
-  ML_RETURN_IF_ERROR(store.createSandbox(rec));
+  runtime::LaunchOptions lo;
+  lo.project = kAdhocProject;
+  lo.boot_timeout = std::chrono::seconds(o.boot_timeout);
+  lo.image_digest = prepared.record.manifest_digest;
+  ML_RETURN_IF_ERROR(runtime::launch(store, sb, prepared, assets, lo, id));
   // From here on, a failure must not leave anything behind unless the user asked to keep it.
   auto cleanup = [&](Error e) -> Result<int> {
-    auto current = store.getSandbox(id);
-    if (current) {
-      (void)removeSandbox(store, *current, root);
+    if (auto current = store.getSandbox(id); current) {
+      (void)runtime::remove(store, *current, root, false);
     }
     return makeError(std::move(e));
   };
-  // Intents first: a crash between here and the supervisor's start leaves records that
-  // `matchlock prune` (and the reconciler) use to clean up.
-  for (auto [kind, name] : {std::pair{state::ResourceKind::RunDir, run_dir},
-                            std::pair{state::ResourceKind::Disk, run_dir + "/upper.ext4"}}) {
-    if (auto intent = store.recordResourceIntent(id, kind, name, "{}"); !intent) {
-      return cleanup(std::move(intent).error());
-    }
-  }
-  if (Status st = makeDirs(run_dir, 0700); !st) {
-    return cleanup(std::move(st).error());
-  }
-
-  supervisor::Config cfg;
-  cfg.sandbox_id = id;
-  cfg.run_dir = run_dir;
-  cfg.vm.kernel = kernel;
-  cfg.vm.initramfs = initramfs;
-  cfg.vm.cpus = o.cpus;
-  cfg.vm.memory_mib = o.memory;
-  cfg.vm.accel = accel;
-  cfg.vm.disks = {{prepared.rootfs, "image", true}, {run_dir + "/upper.ext4", "upper", false}};
-  cfg.vm.kernel_params = {"matchlock.root=serial:image", "matchlock.upper=serial:upper",
-                          "matchlock.hostname=" + sb.hostname,
-                          fmt::format("matchlock.cpus={}", o.cpus)};
-  cfg.upper_disk_mib = o.disk;
-  cfg.upper_disk_path = run_dir + "/upper.ext4";
-  cfg.boot_timeout = std::chrono::seconds(o.boot_timeout);
-  ML_ASSIGN_OR_RETURN(cfg.state_db, state::Store::defaultPath());
-  if (Status st = writeFileAtomic(run_dir + "/vm.json", supervisor::toJson(cfg).dump(2), 0600);
-      !st) {
-    return cleanup(std::move(st).error());
-  }
-
-  std::error_code ec;
-  std::string self = fs::read_symlink("/proc/self/exe", ec).string();
-  sys::SpawnOptions sopts;
-  sopts.new_session = true;  // outlives this CLI process and its terminal
-  sopts.stdout_path = run_dir + "/supervisor.log";
-  sopts.stderr_path = sopts.stdout_path;
-  auto sup = sys::ChildProcess::spawn(
-      {self, "--log-level", "info", "__supervise", "--config", run_dir + "/vm.json"}, sopts);
-  if (!sup) {
-    return cleanup(std::move(sup).error());
-  }
-  // Unrecorded, the supervisor could be neither observed nor killed later: give up instead,
-  // killing it before its run directory goes.
-  if (Status st = store.setSupervisor(id, sys::ProcessRef{sup->pid(), sup->startTime()}); !st) {
-    (void)sup->terminate(std::chrono::milliseconds(0));
-    return cleanup(std::move(st).error());
-  }
-  sup->detach();  // the supervisor is reparented to init when we exit; its state is in the DB
 
   std::string control = supervisor::controlSocketPath(run_dir);
   if (o.detach || argv.empty()) {
     // Wait until the guest is ready, so that `run -d` followed by `exec` just works.
-    auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(o.boot_timeout + 5);
-    for (;;) {
-      auto r = store.getSandbox(id);
-      if (r && r->status == state::SandboxStatus::Running) {
-        break;
-      }
-      if (!r || r->status == state::SandboxStatus::Failed ||
-          r->status == state::SandboxStatus::Crashed || !supervisorAlive(*r) ||
-          std::chrono::steady_clock::now() > deadline) {
-        std::string why = r && r->last_error ? *r->last_error : "the sandbox did not start";
-        return cleanup(Error(Errc::Unavailable, why));
-      }
-      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    if (Status st = runtime::waitReady(store, id, std::chrono::seconds(o.boot_timeout + 5)); !st) {
+      return cleanup(std::move(st).error());
     }
     if (o.detach) {
       fmt::print("{}\n", id);
@@ -371,7 +184,7 @@ Result<int> runCommand(const RunOptions& o) {
   }
   int code = 0;
   if (!argv.empty()) {
-    ExecClientOptions eo;
+    runtime::ExecClientOptions eo;
     eo.request.argv = argv;
     eo.request.env = env;
     eo.request.cwd = !o.workdir.empty() ? o.workdir : prepared.config.working_dir;
@@ -380,7 +193,7 @@ Result<int> runCommand(const RunOptions& o) {
     eo.request.kill_grace_seconds = 2;
     eo.forward_stdin = o.interactive;
     eo.connect_timeout_ms = 10000;
-    auto r = runExec(control, eo);
+    auto r = runtime::runExec(control, eo);
     if (!r) {
       // The supervisor records why a sandbox failed to start: that beats "not reachable".
       Error err = std::move(r).error();
@@ -390,7 +203,7 @@ Result<int> runCommand(const RunOptions& o) {
       }
       if (!keep) {
         if (current) {
-          stopSandbox(store, *current, run_dir);
+          runtime::stop(store, *current, root);
         }
         return cleanup(std::move(err));
       }
@@ -408,7 +221,7 @@ Result<int> runCommand(const RunOptions& o) {
   auto current = store.getSandbox(id);
   if (current) {
     // --rm discards the upper disk, so a clean guest power-off buys nothing: kill and remove.
-    ML_RETURN_IF_ERROR(removeSandbox(store, *current, root));
+    ML_RETURN_IF_ERROR(runtime::remove(store, *current, root, false));
   }
   return code;
 }
@@ -418,14 +231,19 @@ Result<int> execCommand(const ExecOptions& o) {
     return makeError(Errc::InvalidSpec, "command required (or -it for a shell)");
   }
   ML_ASSIGN_OR_RETURN(auto store, state::Store::openDefault());
-  ML_ASSIGN_OR_RETURN(auto rec, findSandboxById(store, o.id));
+  ML_ASSIGN_OR_RETURN(auto rec, runtime::findSandbox(store, o.id));
   state::SandboxStatus status = observedStatus(store, rec);
+  if (status == state::SandboxStatus::Creating && supervisorAlive(rec)) {
+    // Just launched (e.g. by `up` without --wait): wait for the boot instead of failing.
+    ML_RETURN_IF_ERROR(runtime::waitReady(store, rec.id, std::chrono::seconds(125)));
+    status = state::SandboxStatus::Running;
+  }
   if (status != state::SandboxStatus::Running) {
     return makeError(Errc::Conflict, fmt::format("sandbox {} is not running (status: {})", o.id,
                                                  state::sandboxStatusName(status)));
   }
   auto spec = nlohmann::json::parse(rec.spec_json, nullptr, false);
-  ExecClientOptions eo;
+  runtime::ExecClientOptions eo;
   eo.request.argv = o.command.empty() ? std::vector<std::string>{"/bin/sh"} : o.command;
   if (spec.is_object()) {
     eo.request.env = spec.value("env", std::map<std::string, std::string>{});
@@ -441,8 +259,8 @@ Result<int> execCommand(const ExecOptions& o) {
   eo.request.tty = o.tty && o.interactive;
   eo.request.kill_grace_seconds = 2;
   eo.forward_stdin = o.interactive;
-  ML_ASSIGN_OR_RETURN(std::string root, runRoot());
-  return runExec(supervisor::controlSocketPath(runDirOf(root, o.id)), eo);
+  ML_ASSIGN_OR_RETURN(std::string root, runtime::runRoot());
+  return runtime::runExec(supervisor::controlSocketPath(runDirOf(root, rec.id)), eo);
 }
 
 Status listCommand(const std::string& output, bool running_only) {
@@ -481,7 +299,7 @@ Status listCommand(const std::string& output, bool running_only) {
 
 Status inspectCommand(const std::string& id) {
   ML_ASSIGN_OR_RETURN(auto store, state::Store::openDefault());
-  ML_ASSIGN_OR_RETURN(auto r, findSandboxById(store, id));
+  ML_ASSIGN_OR_RETURN(auto r, runtime::findSandbox(store, id));
   state::SandboxStatus status = observedStatus(store, r);
   nlohmann::ordered_json out = {{"id", r.id},
                                 {"project", r.project},
@@ -516,8 +334,8 @@ Status inspectCommand(const std::string& id) {
 
 Status logCommand(const std::string& id, bool follow) {
   ML_ASSIGN_OR_RETURN(auto store, state::Store::openDefault());
-  ML_ASSIGN_OR_RETURN(auto r, findSandboxById(store, id));
-  ML_ASSIGN_OR_RETURN(std::string root, runRoot());
+  ML_ASSIGN_OR_RETURN(auto r, runtime::findSandbox(store, id));
+  ML_ASSIGN_OR_RETURN(std::string root, runtime::runRoot());
   std::string path = supervisor::consoleLogPath(runDirOf(root, id));
   size_t offset = 0;
   for (;;) {
@@ -543,7 +361,7 @@ Status logCommand(const std::string& id, bool follow) {
 
 Status killCommand(const std::vector<std::string>& ids, bool all) {
   ML_ASSIGN_OR_RETURN(auto store, state::Store::openDefault());
-  ML_ASSIGN_OR_RETURN(std::string root, runRoot());
+  ML_ASSIGN_OR_RETURN(std::string root, runtime::runRoot());
   std::vector<std::string> targets = ids;
   if (all) {
     ML_ASSIGN_OR_RETURN(auto list, store.listSandboxes());
@@ -555,9 +373,9 @@ Status killCommand(const std::vector<std::string>& ids, bool all) {
     return makeError(Errc::InvalidSpec, "sandbox ID required (or use --all)");
   }
   for (const std::string& id : targets) {
-    ML_ASSIGN_OR_RETURN(auto r, findSandboxById(store, id));
-    stopSandbox(store, r, runDirOf(root, id));
-    (void)store.updateSandboxStatus(id, state::SandboxStatus::Stopped, std::nullopt);
+    ML_ASSIGN_OR_RETURN(auto r, runtime::findSandbox(store, id));
+    runtime::stop(store, r, root);
+    (void)store.updateSandboxStatus(r.id, state::SandboxStatus::Stopped, std::nullopt);
     fmt::print("Killed {}\n", id);
   }
   return ok();
@@ -565,18 +383,18 @@ Status killCommand(const std::vector<std::string>& ids, bool all) {
 
 Status rmCommand(const std::vector<std::string>& ids, bool force) {
   ML_ASSIGN_OR_RETURN(auto store, state::Store::openDefault());
-  ML_ASSIGN_OR_RETURN(std::string root, runRoot());
+  ML_ASSIGN_OR_RETURN(std::string root, runtime::runRoot());
   for (const std::string& id : ids) {
-    ML_ASSIGN_OR_RETURN(auto r, findSandboxById(store, id));
+    ML_ASSIGN_OR_RETURN(auto r, runtime::findSandbox(store, id));
     if (observedStatus(store, r) == state::SandboxStatus::Running && supervisorAlive(r)) {
       if (!force) {
         return makeError(
             Errc::Conflict,
             fmt::format("sandbox {} is running; `matchlock kill {}` first or use -f", id, id));
       }
-      stopSandbox(store, r, runDirOf(root, id));
+      runtime::stop(store, r, root);
     }
-    ML_RETURN_IF_ERROR(removeSandbox(store, r, root));
+    ML_RETURN_IF_ERROR(runtime::remove(store, r, root, false));
     fmt::print("Removed {}\n", id);
   }
   return ok();
@@ -584,14 +402,14 @@ Status rmCommand(const std::vector<std::string>& ids, bool force) {
 
 Status pruneCommand() {
   ML_ASSIGN_OR_RETURN(auto store, state::Store::openDefault());
-  ML_ASSIGN_OR_RETURN(std::string root, runRoot());
+  ML_ASSIGN_OR_RETURN(std::string root, runtime::runRoot());
   ML_ASSIGN_OR_RETURN(auto list, store.listSandboxes());
   int pruned = 0;
   for (const auto& r : list) {
     if (observedStatus(store, r) == state::SandboxStatus::Running && supervisorAlive(r)) {
       continue;
     }
-    ML_RETURN_IF_ERROR(removeSandbox(store, r, root));
+    ML_RETURN_IF_ERROR(runtime::remove(store, r, root, false));
     fmt::print("Pruned {}\n", r.id);
     ++pruned;
   }

@@ -44,6 +44,11 @@ void checkProject(const Project& project, const std::map<std::string, SandboxLoc
 /// decodes it with the same decoder. `name` names the sandbox.
 Result<SandboxSpec> decodeUpstreamConfig(const nlohmann::json& config, const std::string& name);
 
+/// Decodes a sandbox's normalized JSON (spec::toJson, as the state store keeps it) back into a
+/// SandboxSpec named `name`. toJson's output always decodes to the spec it came from (without
+/// source_file); anything else is InvalidSpec.
+Result<SandboxSpec> decodeNormalized(const nlohmann::json& spec_json, const std::string& name);
+
 /// Parses sizes: an integer (MiB) or a string with a binary unit. Returns MiB.
 Result<int64_t> parseSizeMib(const nlohmann::json& value);
 /// Parses durations: an integer (seconds) or a Go-style string ("1m30s", "500ms"). Returns ms.

@@ -138,15 +138,18 @@ Result<Json> toSpecTree(const Json& c) {
 
 }  // namespace
 
-Result<SandboxSpec> decodeUpstreamConfig(const nlohmann::json& config, const std::string& name) {
-  ML_ASSIGN_OR_RETURN(Json sandbox, toSpecTree(config));
+namespace {
+
+/// Decodes one sandbox tree that has no source text (RPC params, stored specs).
+Result<SandboxSpec> decodeTree(Json sandbox, const std::string& name, const char* what,
+                               Origin origin) {
   Document doc;
-  doc.file = "<rpc create>";
+  doc.file = what;
   std::error_code ec;
   doc.dir = std::filesystem::current_path(ec).string();
   doc.tree = Json{{"sandboxes", Json{{name, std::move(sandbox)}}}};
   std::vector<Diagnostic> diags;
-  DecodedFile decoded = decodeDocument(doc, diags, Origin::Rpc);
+  DecodedFile decoded = decodeDocument(doc, diags, origin);
   if (!diags.empty()) {
     for (Diagnostic& d : diags) {
       d.pos = {};  // no source text: positions would be meaningless
@@ -155,9 +158,23 @@ Result<SandboxSpec> decodeUpstreamConfig(const nlohmann::json& config, const std
   }
   auto it = decoded.sandboxes.find(name);
   if (it == decoded.sandboxes.end()) {
-    return makeError(Errc::InvalidSpec, fmt::format("create: invalid sandbox name '{}'", name));
+    return makeError(Errc::InvalidSpec, fmt::format("{}: invalid sandbox name '{}'", what, name));
   }
   return std::move(it->second);
+}
+
+}  // namespace
+
+Result<SandboxSpec> decodeUpstreamConfig(const nlohmann::json& config, const std::string& name) {
+  ML_ASSIGN_OR_RETURN(Json sandbox, toSpecTree(config));
+  return decodeTree(std::move(sandbox), name, "<rpc create>", Origin::Rpc);
+}
+
+Result<SandboxSpec> decodeNormalized(const nlohmann::json& spec_json, const std::string& name) {
+  ML_ASSIGN_OR_RETURN(SandboxSpec spec,
+                      decodeTree(Json(spec_json), name, "<stored spec>", Origin::File));
+  spec.source_file.clear();
+  return spec;
 }
 
 }  // namespace matchlock::spec

@@ -17,11 +17,13 @@
 
 #include "common/fd.h"
 #include "common/log.h"
+#include "common/strings.h"
 #include "ev/loop.h"
 #include "guestproto/frame.h"
 #include "guestproto/mux.h"
 #include "state/store.h"
 #include "sys/process.h"
+#include "sys/process_ref.h"
 #include "vm/qemu/qemu.h"
 
 namespace matchlock::supervisor {
@@ -53,6 +55,7 @@ nlohmann::json toJson(const Config& c) {
           {"accel", std::string(vm::toString(c.vm.accel))},
           {"upper_disk_mib", c.upper_disk_mib},
           {"upper_disk_path", c.upper_disk_path},
+          {"keep_upper_disk", c.keep_upper_disk},
           {"boot_timeout_ms", c.boot_timeout.count()},
           {"state_db", c.state_db}};
 }
@@ -77,6 +80,7 @@ Result<Config> configFromJson(const nlohmann::json& j) {
     ML_ASSIGN_OR_RETURN(c.vm.accel, vm::parseAccel(j.value("accel", std::string("tcg"))));
     c.upper_disk_mib = j.value("upper_disk_mib", int64_t{0});
     c.upper_disk_path = j.value("upper_disk_path", std::string());
+    c.keep_upper_disk = j.value("keep_upper_disk", false);
     c.boot_timeout = std::chrono::milliseconds(j.value("boot_timeout_ms", int64_t{60000}));
     c.state_db = j.value("state_db", std::string());
     c.vm.channel_socket = channelSocketPath(c.run_dir);
@@ -94,28 +98,59 @@ constexpr size_t kReadChunk = 64 * 1024;
 constexpr size_t kClientHighWater = 1024 * 1024;
 constexpr std::chrono::milliseconds kStopGrace{5000};
 
+Status runTool(const std::vector<std::string>& argv, const std::string& log_path) {
+  sys::SpawnOptions opts;
+  opts.stdout_path = log_path;
+  opts.stderr_path = log_path;
+  ML_ASSIGN_OR_RETURN(auto child, sys::ChildProcess::spawn(argv, opts));
+  ML_ASSIGN_OR_RETURN(auto exit, child.waitFor(std::chrono::seconds(60)));
+  if (!exit || exit->code != 0) {
+    return makeError(Errc::System, fmt::format("{} failed: {}", join(argv, " "),
+                                               readFile(log_path).value_or("(no output)")));
+  }
+  (void)::unlink(log_path.c_str());
+  return ok();
+}
+
 Status makeUpperDisk(const std::string& path, int64_t mib) {
   // Sparse file, then ext4 without a journal on it: the guest's overlay upper layer lives here.
+  // Built under a temporary name so that a crash mid-mkfs never leaves a disk that looks usable.
+  const std::string tmp = path + ".new";
   {
-    ML_ASSIGN_OR_RETURN(Fd fd, openFile(path, O_WRONLY | O_CREAT | O_TRUNC, 0600));
+    ML_ASSIGN_OR_RETURN(Fd fd, openFile(tmp, O_WRONLY | O_CREAT | O_TRUNC, 0600));
     if (::ftruncate(fd.get(), mib * 1024 * 1024) != 0) {
-      return makeError(Errc::System, fmt::format("ftruncate {}", path), errno);
+      return makeError(Errc::System, fmt::format("ftruncate {}", tmp), errno);
     }
   }
-  sys::SpawnOptions opts;
-  opts.stdout_path = path + ".mkfs.log";
-  opts.stderr_path = opts.stdout_path;
-  ML_ASSIGN_OR_RETURN(
-      auto mkfs,
-      sys::ChildProcess::spawn(
-          {"mkfs.ext4", "-q", "-F", "-O", "^has_journal", "-E", "lazy_itable_init=1", path}, opts));
-  ML_ASSIGN_OR_RETURN(auto exit, mkfs.waitFor(std::chrono::seconds(60)));
-  if (!exit || exit->code != 0) {
-    return makeError(Errc::System, fmt::format("mkfs.ext4 {} failed: {}", path,
-                                               readFile(opts.stdout_path).value_or("(no output)")));
+  ML_RETURN_IF_ERROR(
+      runTool({"mkfs.ext4", "-q", "-F", "-O", "^has_journal", "-E", "lazy_itable_init=1", tmp},
+              path + ".mkfs.log"));
+  if (::rename(tmp.c_str(), path.c_str()) != 0) {
+    return makeError(Errc::System, fmt::format("rename {}", tmp), errno);
   }
-  (void)::unlink(opts.stdout_path.c_str());
   return ok();
+}
+
+/// Reuses a sandbox's existing upper disk, growing it (offline, before boot) when the spec asks
+/// for more room than it has.
+Status keepUpperDisk(const std::string& path, int64_t mib) {
+  struct stat st {};
+  if (::stat(path.c_str(), &st) != 0) {
+    return makeUpperDisk(path, mib);
+  }
+  const int64_t want = mib * 1024 * 1024;
+  if (st.st_size >= want) {
+    if (st.st_size > want) {
+      ML_LOG(supervisor, warn, "{} keeps its {} MiB: shrinking a data disk is not supported", path,
+             st.st_size / (1024 * 1024));
+    }
+    return ok();
+  }
+  if (::truncate(path.c_str(), want) != 0) {
+    return makeError(Errc::System, fmt::format("growing {}", path), errno);
+  }
+  ML_RETURN_IF_ERROR(runTool({"e2fsck", "-f", "-p", path}, path + ".fsck.log"));
+  return runTool({"resize2fs", path}, path + ".resize.log");
 }
 
 Result<Fd> listenUnix(const std::string& path) {
@@ -260,8 +295,19 @@ Status Supervisor::start() {
     }
     store_.emplace(std::move(*store));
   }
+  if (store_) {
+    // Record ourselves first: if whoever started us dies before recording us, we are still
+    // observable and killable by pid + start time.
+    if (auto self = sys::processRef(::getpid()); self) {
+      if (Status st = store_->setSupervisor(config_.sandbox_id, *self); !st) {
+        ML_LOG(supervisor, warn, "recording the supervisor: {}", st.error().toString());
+      }
+    }
+  }
   if (config_.upper_disk_mib > 0) {
-    ML_RETURN_IF_ERROR(makeUpperDisk(config_.upper_disk_path, config_.upper_disk_mib));
+    ML_RETURN_IF_ERROR(config_.keep_upper_disk
+                           ? keepUpperDisk(config_.upper_disk_path, config_.upper_disk_mib)
+                           : makeUpperDisk(config_.upper_disk_path, config_.upper_disk_mib));
   }
   ML_ASSIGN_OR_RETURN(listener_, listenUnix(controlSocketPath(config_.run_dir)));
   ML_ASSIGN_OR_RETURN(listener_watch_,
@@ -655,8 +701,10 @@ void Supervisor::onQemuExit() {
     return;
   }
   std::string qemu_log = readFile(config_.run_dir + "/qemu.log").value_or("");
-  std::string why =
-      fmt::format("VM process exited unexpectedly (code {}): {}", code, qemu_log.substr(0, 500));
+  std::string why = fmt::format("VM process exited unexpectedly (code {})", code);
+  if (std::string_view tail = trim(qemu_log); !tail.empty()) {
+    why += fmt::format(": {}", tail.substr(0, 500));
+  }
   if (result_) {
     result_ = makeError(Errc::Unavailable, why);
     record(state::SandboxStatus::Crashed, why);

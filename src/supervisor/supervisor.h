@@ -21,6 +21,9 @@ struct Config {
   /// Size of the writable upper disk created (sparse, ext4) at start; 0 = do not create one.
   int64_t upper_disk_mib = 0;
   std::string upper_disk_path;
+  /// Keep an existing upper disk (a sandbox's persistent overlay data) instead of formatting a
+  /// new one; a smaller existing disk is grown to upper_disk_mib, a larger one is left as it is.
+  bool keep_upper_disk = false;
   std::chrono::milliseconds boot_timeout{60000};
   /// State DB to record status in ("" = do not record, for tests).
   std::string state_db;

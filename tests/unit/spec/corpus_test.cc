@@ -74,6 +74,16 @@ void checkValidAndFixedPoint(const fs::path& file) {
     p2.sandboxes[name] = s;
   }
   CHECK(toJson(p2).dump() == normal.dump());
+  // What the state store keeps per sandbox decodes back to the same spec (the reconciler's
+  // "applied" side of every diff).
+  for (const auto& [name, s] : p.sandboxes) {
+    auto stored = decodeNormalized(nlohmann::json::parse(toJson(s).dump()), name);
+    INFO(name << (stored ? "" : stored.error().message()));
+    REQUIRE(stored.has_value());
+    SandboxSpec expected = s;
+    expected.source_file.clear();
+    CHECK(*stored == expected);
+  }
   // The YAML rendering reads back to the same tree.
   auto ydoc = parseDocument(toYaml(normal), "yaml", "normalized.yaml", "/nonexistent");
   INFO(toYaml(normal));

@@ -1,0 +1,174 @@
+// SPDX-License-Identifier: Apache-2.0
+#include "runtime/driver.h"
+
+#include <fmt/format.h>
+
+#include <nlohmann/json.hpp>
+
+#include "common/log.h"
+#include "image/store.h"
+#include "spec/decode.h"
+
+namespace matchlock::runtime {
+namespace {
+
+reconcile::Observed::Health toPlannerHealth(Health h) {
+  using P = reconcile::Observed::Health;
+  switch (h) {
+    case Health::Running:
+    case Health::Starting:
+      return P::Running;
+    case Health::Stopped:
+      return P::Stopped;
+    case Health::Crashed:
+      return P::Crashed;
+    case Health::VmmDied:
+      return P::VmmDied;
+    case Health::Leaked:
+      return P::Leaked;
+    case Health::Failed:
+      return P::Failed;
+    case Health::Pending:
+      return P::Pending;
+  }
+  return P::Pending;
+}
+
+}  // namespace
+
+Result<std::map<std::string, reconcile::Observed>> observeProject(
+    state::Store& store, const std::string& project, std::vector<state::SandboxRecord>* records) {
+  ML_ASSIGN_OR_RETURN(std::string root, runRoot());
+  ML_ASSIGN_OR_RETURN(auto rows, store.listSandboxes(project));
+  std::map<std::string, reconcile::Observed> out;
+  for (const auto& r : rows) {
+    reconcile::Observed o;
+    Observation obs = observe(store, r, root);
+    o.health = toPlannerHealth(obs.health);
+    o.detail = obs.detail;
+    o.secrets_hash = r.secrets_hash.value_or("");
+    o.image_digest = r.image_digest.value_or("");
+    auto json = nlohmann::json::parse(r.spec_json, nullptr, false);
+    auto applied = spec::decodeNormalized(json, r.name);
+    if (applied) {
+      o.applied = std::move(*applied);
+    } else if (o.health == reconcile::Observed::Health::Running ||
+               o.health == reconcile::Observed::Health::Stopped) {
+      // A record we cannot read back is repaired rather than trusted.
+      o.health = reconcile::Observed::Health::Pending;
+      o.detail = "the applied spec on record is unreadable: " + applied.error().message();
+    }
+    out[r.name] = std::move(o);
+  }
+  if (records != nullptr) {
+    *records = std::move(rows);
+  }
+  return out;
+}
+
+std::string localImageDigest(const std::string& image) {
+  auto root = image::Store::defaultRoot();
+  if (!root) {
+    return "";
+  }
+  auto store = image::Store::open(*root);
+  if (!store) {
+    return "";
+  }
+  auto record = store->resolveImage(image);
+  return record ? record->manifest_digest : "";
+}
+
+Result<BootAssets> SandboxDriver::assets() {
+  std::lock_guard lock(assets_mu_);
+  if (!assets_) {
+    assets_ = resolveBootAssets(options_.accel);
+  }
+  return *assets_;
+}
+
+Status SandboxDriver::apply(const reconcile::Action& action, const reconcile::Desired* desired) {
+  switch (action.kind) {
+    case reconcile::ActionKind::Noop:
+      return ok();
+    case reconcile::ActionKind::Remove:
+      return removeOrphan(action.sandbox);
+    case reconcile::ActionKind::UpdateLive:
+      return makeError(Errc::Internal,
+                       fmt::format("{}: no layer can update {} live yet", action.sandbox,
+                                   fmt::join(action.live_groups, ", ")));
+    case reconcile::ActionKind::Create:
+    case reconcile::ActionKind::Recreate:
+    case reconcile::ActionKind::Start:
+      if (desired == nullptr) {
+        return makeError(Errc::Internal, fmt::format("{}: no desired spec", action.sandbox));
+      }
+      return start(action, *desired);
+  }
+  return ok();
+}
+
+Status SandboxDriver::start(const reconcile::Action& action, const reconcile::Desired& desired) {
+  const spec::SandboxSpec& spec = desired.spec;
+  // Everything that can fail without side effects first: the image (pulled if missing), the
+  // kernel, the initramfs and the accelerator.
+  ML_ASSIGN_OR_RETURN(std::string image_root, image::Store::defaultRoot());
+  ML_ASSIGN_OR_RETURN(auto image_store, image::Store::open(image_root));
+  auto prepared = image::prepareImage(image_store, spec.image, {});
+  if (!prepared) {
+    return makeError(std::move(prepared).error().withContext(fmt::format("image {}", spec.image)));
+  }
+  ML_ASSIGN_OR_RETURN(BootAssets boot, assets());
+
+  ML_ASSIGN_OR_RETURN(auto store, state::Store::openDefault());
+  ML_ASSIGN_OR_RETURN(std::string root, runRoot());
+  ML_ASSIGN_OR_RETURN(auto existing, store.findSandbox(options_.project, action.sandbox));
+  if (existing) {
+    // Recreate and start reuse the record (same id, next generation). A running guest gets a
+    // clean power-off first, so its overlay data is synced to the kept data disk.
+    if (action.kind == reconcile::ActionKind::Recreate) {
+      stop(store, *existing, root);
+    }
+    ML_RETURN_IF_ERROR(teardown(store, *existing, root));
+    faultPoint("apply:torn-down");
+  }
+
+  LaunchOptions lo;
+  lo.project = options_.project;
+  ML_ASSIGN_OR_RETURN(std::string data, dataDirOf(options_.project, spec.name));
+  lo.data_disk = data + "/upper.ext4";
+  lo.boot_timeout = options_.boot_timeout;
+  if (!desired.secrets_hash.empty()) {
+    lo.secrets_hash = desired.secrets_hash;
+  }
+  lo.image_digest = prepared->record.manifest_digest;
+  std::optional<std::string> id;
+  if (existing) {
+    id = existing->id;
+  }
+  ML_ASSIGN_OR_RETURN(std::string launched, launch(store, spec, *prepared, boot, lo, id));
+  ML_LOG(runtime, info, "{}/{}: supervisor started for {}", options_.project, spec.name, launched);
+  return ok();
+}
+
+Status SandboxDriver::removeOrphan(const std::string& name) {
+  ML_ASSIGN_OR_RETURN(auto store, state::Store::openDefault());
+  ML_ASSIGN_OR_RETURN(std::string root, runRoot());
+  ML_ASSIGN_OR_RETURN(auto existing, store.findSandbox(options_.project, name));
+  if (!existing) {
+    return ok();
+  }
+  stop(store, *existing, root);
+  return remove(store, *existing, root, false);
+}
+
+Status SandboxDriver::waitReady(const std::string& sandbox) {
+  ML_ASSIGN_OR_RETURN(auto store, state::Store::openDefault());
+  ML_ASSIGN_OR_RETURN(auto existing, store.findSandbox(options_.project, sandbox));
+  if (!existing) {
+    return makeError(Errc::NotFound, fmt::format("sandbox {} has no record", sandbox));
+  }
+  return runtime::waitReady(store, existing->id, options_.boot_timeout + std::chrono::seconds(5));
+}
+
+}  // namespace matchlock::runtime

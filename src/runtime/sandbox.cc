@@ -1,0 +1,448 @@
+// SPDX-License-Identifier: Apache-2.0
+#include "runtime/sandbox.h"
+
+#include <fmt/format.h>
+#include <signal.h>
+#include <sys/random.h>
+#include <unistd.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <filesystem>
+#include <thread>
+
+#include "common/fd.h"
+#include "common/log.h"
+#include "common/paths.h"
+#include "common/strings.h"
+#include "ml_kernel_key.h"
+#include "runtime/exec_client.h"
+#include "spec/normalize.h"
+#include "supervisor/supervisor.h"
+#include "sys/process.h"
+#include "sys/process_ref.h"
+#include "vm/initramfs.h"
+#include "vm/qemu/qemu.h"
+
+namespace matchlock::runtime {
+namespace {
+
+namespace fs = std::filesystem;
+
+bool alive(const std::optional<sys::ProcessRef>& ref) {
+  return ref && sys::isAlive(*ref);
+}
+
+std::string upperDiskOf(const std::string& run_dir, const LaunchOptions& options) {
+  return options.data_disk.empty() ? run_dir + "/upper.ext4" : options.data_disk;
+}
+
+}  // namespace
+
+Result<std::string> runRoot() {
+  ML_ASSIGN_OR_RETURN(std::string home, matchlockHome());
+  std::string root = home + "/run";
+  ML_RETURN_IF_ERROR(makeDirs(root, 0700));
+  return root;
+}
+
+std::string runDirOf(const std::string& run_root, const std::string& id) {
+  return run_root + "/" + id;
+}
+
+Result<std::string> dataDirOf(const std::string& project, const std::string& name) {
+  ML_ASSIGN_OR_RETURN(std::string home, matchlockHome());
+  return fmt::format("{}/data/{}/{}", home, project, name);
+}
+
+std::string newSandboxId() {
+  unsigned char bytes[4] = {};
+  if (::getrandom(bytes, sizeof(bytes), 0) != static_cast<ssize_t>(sizeof(bytes))) {
+    auto now = std::chrono::steady_clock::now().time_since_epoch().count();
+    std::memcpy(bytes, &now, sizeof(bytes));
+  }
+  return "vm-" + toHex(std::string_view(reinterpret_cast<const char*>(bytes), sizeof(bytes)));
+}
+
+Result<std::string> findKernel() {
+  if (const char* env = std::getenv("MATCHLOCK_KERNEL"); env != nullptr && *env != '\0') {
+    if (::access(env, R_OK) != 0) {
+      return makeError(Errc::NotFound, fmt::format("MATCHLOCK_KERNEL={}: cannot read it", env),
+                       errno);
+    }
+    return std::string(env);
+  }
+  ML_ASSIGN_OR_RETURN(std::string cache, cacheDir());
+  std::string path = fmt::format("{}/kernels/{}/vmlinux", cache, kKernelKey);
+  if (::access(path.c_str(), R_OK) == 0) {
+    return path;
+  }
+  return makeError(Errc::NotFound,
+                   fmt::format("guest kernel not found at {}: build it with guest/kernel/build.sh "
+                               "(scripts/setup does) or set MATCHLOCK_KERNEL",
+                               path));
+}
+
+Result<std::string> findGuest() {
+  if (const char* env = std::getenv("MATCHLOCK_GUEST"); env != nullptr && *env != '\0') {
+    return std::string(env);
+  }
+  std::error_code ec;
+  fs::path self = fs::read_symlink("/proc/self/exe", ec);
+  std::string path = (self.parent_path() / "matchlock-guest").string();
+  if (!ec && ::access(path.c_str(), X_OK) == 0) {
+    return path;
+  }
+  return makeError(Errc::NotFound,
+                   "matchlock-guest not found next to matchlock; set "
+                   "MATCHLOCK_GUEST");
+}
+
+Result<BootAssets> resolveBootAssets(const std::string& accel_name) {
+  BootAssets assets;
+  ML_ASSIGN_OR_RETURN(assets.kernel, findKernel());
+  ML_ASSIGN_OR_RETURN(std::string guest, findGuest());
+  ML_ASSIGN_OR_RETURN(std::string cache, cacheDir());
+  ML_ASSIGN_OR_RETURN(assets.initramfs, vm::ensureInitramfs(guest, cache + "/initramfs"));
+  ML_ASSIGN_OR_RETURN(vm::Accel accel, vm::parseAccel(accel_name));
+  assets.accel =
+      vm::qemu::resolveAccel(accel, "qemu-system-x86_64", assets.kernel, assets.initramfs, cache);
+  return assets;
+}
+
+void faultPoint(std::string_view point) {
+  const char* fault = std::getenv("MATCHLOCK_FAULT");
+  if (fault != nullptr && point == fault) {
+    ML_LOG(runtime, warn, "MATCHLOCK_FAULT={}: killing this process", point);
+    (void)::kill(::getpid(), SIGKILL);
+  }
+}
+
+Result<std::string> launch(state::Store& store, const spec::SandboxSpec& spec,
+                           const image::PreparedImage& image, const BootAssets& assets,
+                           const LaunchOptions& options,
+                           const std::optional<std::string>& existing_id) {
+  const std::string id = existing_id.value_or(newSandboxId());
+  ML_ASSIGN_OR_RETURN(std::string root, runRoot());
+  const std::string run_dir = runDirOf(root, id);
+  const std::string upper = upperDiskOf(run_dir, options);
+  const std::string hostname = spec.hostname.empty() ? spec.name : spec.hostname;
+
+  // 1. The record first, status "creating": from here on a crash leaves a row that observation
+  //    reports as an interrupted launch, so the next `up` or `prune` cleans up.
+  if (existing_id) {
+    state::SandboxSpecUpdate update;
+    if (!spec.source_file.empty()) {
+      update.source_file = spec.source_file;
+    }
+    update.spec_json = spec::toJson(spec).dump();
+    update.spec_hash = spec::specHash(spec);
+    update.group_hashes = spec::groupHashes(spec);
+    update.secrets_hash = options.secrets_hash;
+    update.image_digest = options.image_digest;
+    ML_RETURN_IF_ERROR(store.setSupervisor(id, std::nullopt));
+    ML_RETURN_IF_ERROR(store.updateSandboxStatus(id, state::SandboxStatus::Creating, std::nullopt));
+    ML_RETURN_IF_ERROR(store.updateSandboxSpec(id, update));
+  } else {
+    state::SandboxRecord rec;
+    rec.id = id;
+    rec.project = options.project;
+    rec.name = spec.name.empty() ? id : spec.name;
+    if (!spec.source_file.empty()) {
+      rec.source_file = spec.source_file;
+    }
+    rec.spec_json = spec::toJson(spec).dump();
+    rec.spec_hash = spec::specHash(spec);
+    rec.group_hashes = spec::groupHashes(spec);
+    rec.secrets_hash = options.secrets_hash;
+    rec.image_digest = options.image_digest;
+    rec.status = state::SandboxStatus::Creating;
+    ML_RETURN_IF_ERROR(store.createSandbox(rec));
+  }
+  faultPoint("launch:recorded");
+
+  // From here on a failure must leave nothing running: a new record goes away again, an existing
+  // one is torn down and marked failed with the reason.
+  auto fail = [&](Error e) -> Result<std::string> {
+    if (auto current = store.getSandbox(id); current) {
+      if (existing_id) {
+        (void)teardown(store, *current, root);
+        (void)store.updateSandboxStatus(id, state::SandboxStatus::Failed, e.message());
+      } else {
+        (void)remove(store, *current, root, false);
+      }
+    }
+    return makeError(std::move(e));
+  };
+
+  // 2. Intents before the objects exist.
+  for (auto [kind, name] : {std::pair{state::ResourceKind::RunDir, run_dir},
+                            std::pair{state::ResourceKind::Disk, upper}}) {
+    if (auto intent = store.recordResourceIntent(id, kind, name, "{}"); !intent) {
+      return fail(std::move(intent).error());
+    }
+  }
+  faultPoint("launch:intents");
+  if (Status st = makeDirs(run_dir, 0700); !st) {
+    return fail(std::move(st).error());
+  }
+  if (!options.data_disk.empty()) {
+    if (Status st = makeDirs(fs::path(options.data_disk).parent_path().string(), 0700); !st) {
+      return fail(std::move(st).error());
+    }
+  }
+  (void)store.markResourceCreated(state::ResourceKind::RunDir, run_dir);
+
+  supervisor::Config cfg;
+  cfg.sandbox_id = id;
+  cfg.run_dir = run_dir;
+  cfg.vm.kernel = assets.kernel;
+  cfg.vm.initramfs = assets.initramfs;
+  cfg.vm.cpus = spec.cpus;
+  cfg.vm.memory_mib = spec.memory_mib;
+  cfg.vm.accel = assets.accel;
+  cfg.vm.disks = {{image.rootfs, "image", true}, {upper, "upper", false}};
+  cfg.vm.kernel_params = {"matchlock.root=serial:image", "matchlock.upper=serial:upper",
+                          "matchlock.hostname=" + hostname,
+                          fmt::format("matchlock.cpus={}", spec.cpus)};
+  cfg.upper_disk_mib = spec.disk_mib;
+  cfg.upper_disk_path = upper;
+  cfg.keep_upper_disk = !options.data_disk.empty();
+  cfg.boot_timeout = options.boot_timeout;
+  if (auto db = state::Store::defaultPath(); db) {
+    cfg.state_db = *db;
+  } else {
+    return fail(std::move(db).error());
+  }
+  if (Status st = writeFileAtomic(run_dir + "/vm.json", supervisor::toJson(cfg).dump(2), 0600);
+      !st) {
+    return fail(std::move(st).error());
+  }
+
+  // 3. The supervisor, in its own session so that it outlives this process and its terminal.
+  //    It records itself in the DB as its first step, so even a crash right after the spawn
+  //    leaves it observable and killable.
+  std::error_code ec;
+  std::string self = fs::read_symlink("/proc/self/exe", ec).string();
+  sys::SpawnOptions sopts;
+  sopts.new_session = true;
+  sopts.stdout_path = run_dir + "/supervisor.log";
+  sopts.stderr_path = sopts.stdout_path;
+  auto sup = sys::ChildProcess::spawn(
+      {self, "--log-level", "info", "__supervise", "--config", run_dir + "/vm.json"}, sopts);
+  if (!sup) {
+    return fail(std::move(sup).error());
+  }
+  faultPoint("launch:spawned");
+  if (Status st = store.setSupervisor(id, sys::ProcessRef{sup->pid(), sup->startTime()}); !st) {
+    (void)sup->terminate(std::chrono::milliseconds(0));
+    return fail(std::move(st).error());
+  }
+  sup->detach();  // reparented to init when we exit; its state is in the DB
+  return id;
+}
+
+Status waitReady(state::Store& store, const std::string& id, std::chrono::milliseconds timeout) {
+  auto deadline = std::chrono::steady_clock::now() + timeout;
+  for (;;) {
+    auto r = store.getSandbox(id);
+    if (r && r->status == state::SandboxStatus::Running) {
+      return ok();
+    }
+    bool dead = r && r->status != state::SandboxStatus::Creating &&
+                r->status != state::SandboxStatus::Pending;
+    bool gone = r && r->supervisor && !sys::isAlive(*r->supervisor);
+    if (!r || dead || gone) {
+      std::string why = r && r->last_error ? *r->last_error : "the sandbox did not start";
+      return makeError(Errc::Unavailable, why);
+    }
+    if (std::chrono::steady_clock::now() > deadline) {
+      return makeError(
+          Errc::Unavailable,
+          fmt::format("sandbox {} was not ready within {} s", id,
+                      std::chrono::duration_cast<std::chrono::seconds>(timeout).count()));
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(25));
+  }
+}
+
+std::string_view toString(Health health) {
+  switch (health) {
+    case Health::Running:
+      return "running";
+    case Health::Starting:
+      return "starting";
+    case Health::Stopped:
+      return "stopped";
+    case Health::Crashed:
+      return "crashed";
+    case Health::VmmDied:
+      return "vm-died";
+    case Health::Leaked:
+      return "leaked";
+    case Health::Failed:
+      return "failed";
+    case Health::Pending:
+      return "interrupted";
+  }
+  return "unknown";
+}
+
+Observation observe(state::Store& store, const state::SandboxRecord& r,
+                    const std::string& run_root) {
+  const bool sup_alive = alive(r.supervisor);
+  const std::string error = r.last_error.value_or("");
+  switch (r.status) {
+    case state::SandboxStatus::Stopped:
+      return {Health::Stopped, ""};
+    case state::SandboxStatus::Failed:
+      return {Health::Failed, error.empty() ? "start failed" : error};
+    case state::SandboxStatus::Crashed:
+      return {error.starts_with("VM process") ? Health::VmmDied : Health::Crashed,
+              error.empty() ? "crashed" : error};
+    case state::SandboxStatus::Removing:
+      return {Health::Pending, "an earlier removal was interrupted"};
+    case state::SandboxStatus::Pending:
+    case state::SandboxStatus::Creating:
+      if (!sup_alive) {
+        return {Health::Pending, "an earlier launch was interrupted"};
+      }
+      break;
+    case state::SandboxStatus::Running:
+      if (!sup_alive) {
+        return {Health::Crashed,
+                "supervisor died (its pid and start time no longer match a live process)"};
+      }
+      break;
+  }
+  // The supervisor lives: is its VMM still there, and are the sandbox's objects?
+  if (auto vm = store.getVm(r.id);
+      vm && vm->process && !sys::isAlive(*vm->process) &&
+      (vm->status == state::VmStatus::Starting || vm->status == state::VmStatus::Running)) {
+    return {Health::VmmDied, "VM process died"};
+  }
+  std::error_code ec;
+  const std::string run_dir = runDirOf(run_root, r.id);
+  if (!fs::is_directory(run_dir, ec)) {
+    return {Health::Leaked, fmt::format("run dir {} is gone", run_dir)};
+  }
+  if (r.status == state::SandboxStatus::Running) {
+    if (auto resources = store.listResources(r.id); resources) {
+      for (const auto& res : *resources) {
+        if (res.kind == state::ResourceKind::Disk && !fs::exists(res.name, ec)) {
+          return {Health::Leaked, fmt::format("disk {} is gone", res.name)};
+        }
+      }
+    }
+    return {Health::Running, ""};
+  }
+  return {Health::Starting, ""};
+}
+
+void killProcesses(state::Store& store, const state::SandboxRecord& r) {
+  std::vector<sys::ProcessRef> refs;
+  if (r.supervisor) {
+    refs.push_back(*r.supervisor);
+  }
+  // The record passed in may predate the supervisor recording itself: re-read it.
+  if (auto fresh = store.getSandbox(r.id);
+      fresh && fresh->supervisor && !(r.supervisor && *r.supervisor == *fresh->supervisor)) {
+    refs.push_back(*fresh->supervisor);
+  }
+  if (auto vm = store.getVm(r.id); vm && vm->process) {
+    refs.push_back(*vm->process);
+  }
+  for (const auto& ref : refs) {
+    if (sys::isAlive(ref)) {
+      (void)::kill(ref.pid, SIGKILL);
+    }
+  }
+  for (int i = 0; i < 1000; ++i) {  // 5 s bound
+    bool any = false;
+    for (const auto& ref : refs) {
+      any = any || sys::isAlive(ref);
+    }
+    if (!any) {
+      return;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+}
+
+void stop(state::Store& store, const state::SandboxRecord& r, const std::string& run_root) {
+  if (alive(r.supervisor)) {
+    (void)controlRequest(supervisor::controlSocketPath(runDirOf(run_root, r.id)), "stop", 2000);
+    for (int i = 0; i < 400 && alive(r.supervisor); ++i) {  // 10 s for a clean power-off
+      std::this_thread::sleep_for(std::chrono::milliseconds(25));
+    }
+  }
+  killProcesses(store, r);
+}
+
+Status teardown(state::Store& store, const state::SandboxRecord& r, const std::string& run_root) {
+  killProcesses(store, r);
+  const std::string run_dir = runDirOf(run_root, r.id);
+  std::error_code ec;
+  fs::remove_all(run_dir, ec);
+  if (ec) {
+    return makeError(Errc::System, fmt::format("removing {}", run_dir), ec.value());
+  }
+  ML_ASSIGN_OR_RETURN(auto resources, store.listResources(r.id));
+  for (const auto& res : resources) {
+    // Objects inside the run dir are gone with it; a data disk outside it is kept on purpose.
+    ML_RETURN_IF_ERROR(store.deleteResource(res.kind, res.name));
+  }
+  ML_RETURN_IF_ERROR(store.deleteVm(r.id));
+  return ok();
+}
+
+Status remove(state::Store& store, const state::SandboxRecord& r, const std::string& run_root,
+              bool remove_data) {
+  ML_RETURN_IF_ERROR(store.updateSandboxStatus(r.id, state::SandboxStatus::Removing, r.last_error));
+  ML_RETURN_IF_ERROR(teardown(store, r, run_root));
+  if (remove_data) {
+    ML_ASSIGN_OR_RETURN(std::string data, dataDirOf(r.project, r.name));
+    std::error_code ec;
+    fs::remove_all(data, ec);
+    if (ec) {
+      return makeError(Errc::System, fmt::format("removing {}", data), ec.value());
+    }
+  }
+  ML_RETURN_IF_ERROR(store.deleteSandbox(r.id, state::DeleteMode::Force));
+  (void)store.deleteProjectIfEmpty(r.project);
+  return ok();
+}
+
+Result<state::SandboxRecord> findSandbox(state::Store& store, const std::string& ref) {
+  if (auto r = store.getSandbox(ref); r || r.error().code() != Errc::NotFound) {
+    return r;
+  }
+  if (size_t slash = ref.find('/'); slash != std::string::npos) {
+    ML_ASSIGN_OR_RETURN(auto r, store.findSandbox(ref.substr(0, slash), ref.substr(slash + 1)));
+    if (r) {
+      return std::move(*r);
+    }
+  } else {
+    ML_ASSIGN_OR_RETURN(auto all, store.listSandboxes());
+    std::vector<state::SandboxRecord> named;
+    for (auto& r : all) {
+      if (r.name == ref) {
+        named.push_back(std::move(r));
+      }
+    }
+    if (named.size() == 1) {
+      return std::move(named.front());
+    }
+    if (named.size() > 1) {
+      std::vector<std::string> options;
+      for (const auto& r : named) {
+        options.push_back(r.project + "/" + r.name);
+      }
+      return makeError(Errc::Conflict, fmt::format("sandbox name '{}' is ambiguous: use one of {}",
+                                                   ref, join(options, ", ")));
+    }
+  }
+  return makeError(Errc::NotFound, fmt::format("sandbox {} not found (see matchlock list)", ref));
+}
+
+}  // namespace matchlock::runtime

@@ -1,0 +1,108 @@
+// SPDX-License-Identifier: Apache-2.0
+#pragma once
+
+#include <chrono>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "common/result.h"
+#include "image/image.h"
+#include "spec/model.h"
+#include "state/store.h"
+#include "vm/backend.h"
+
+namespace matchlock::runtime {
+
+// ---- Where things live (docs/vm-runtime.md) ---------------------------------------------------
+
+/// `$MATCHLOCK_HOME/run` (0700): one directory per sandbox id, holding its sockets, logs, vm.json
+/// and, for ad-hoc sandboxes, the upper disk.
+[[nodiscard]] Result<std::string> runRoot();
+std::string runDirOf(const std::string& run_root, const std::string& id);
+/// `$MATCHLOCK_HOME/data/<project>/<name>`: a declared sandbox's overlay data (its upper disk),
+/// kept across recreate and `down`, deleted by `down -v`.
+[[nodiscard]] Result<std::string> dataDirOf(const std::string& project, const std::string& name);
+/// `vm-<8 hex>`.
+std::string newSandboxId();
+
+/// The guest kernel: MATCHLOCK_KERNEL, else the one guest/kernel/build.sh caches for this build.
+[[nodiscard]] Result<std::string> findKernel();
+/// matchlock-guest: MATCHLOCK_GUEST, else next to this executable.
+[[nodiscard]] Result<std::string> findGuest();
+
+/// What every boot needs besides the image, resolved once per command (the KVM probe may boot a
+/// VM, so callers resolve lazily, only when something will start).
+struct BootAssets {
+  std::string kernel;
+  std::string initramfs;
+  vm::Accel accel = vm::Accel::Tcg;
+};
+[[nodiscard]] Result<BootAssets> resolveBootAssets(const std::string& accel_name);
+
+// ---- Lifecycle --------------------------------------------------------------------------------
+
+struct LaunchOptions {
+  std::string project;
+  /// Persistent upper disk (declared sandboxes); empty: `<run dir>/upper.ext4`, discarded with
+  /// the sandbox.
+  std::string data_disk;
+  std::chrono::seconds boot_timeout{120};
+  std::optional<std::string> secrets_hash;
+  std::optional<std::string> image_digest;
+};
+
+/// Creates the sandbox's record (or, when `existing_id` is set, re-points that record at `spec`
+/// and a new generation), records its resource intents, writes vm.json and starts the detached
+/// supervisor. Returns the sandbox id once the supervisor is recorded; the guest boots in the
+/// background (waitReady). On failure nothing of the launch is left running and the record says
+/// why (a new record is deleted again).
+[[nodiscard]] Result<std::string> launch(state::Store& store, const spec::SandboxSpec& spec,
+                                         const image::PreparedImage& image,
+                                         const BootAssets& assets, const LaunchOptions& options,
+                                         const std::optional<std::string>& existing_id = {});
+
+/// Waits (bounded by `timeout`) until the sandbox's guest is ready. Unavailable with the recorded
+/// reason when it failed, crashed or its supervisor died.
+[[nodiscard]] Status waitReady(state::Store& store, const std::string& id,
+                               std::chrono::milliseconds timeout);
+
+/// How a recorded sandbox really is, by observation (processes, run dir, owned resources), not
+/// only by its recorded status. Read-only: never writes the state DB.
+enum class Health {
+  Running,   ///< supervisor and VMM alive, guest ready
+  Starting,  ///< supervisor alive, guest not ready yet
+  Stopped,   ///< cleanly stopped
+  Crashed,   ///< the supervisor is gone although the record says it runs
+  VmmDied,   ///< the VMM died (the supervisor noticed, or is about to)
+  Leaked,    ///< alive, but owned resources (run dir, disk) vanished behind our back
+  Failed,    ///< the last start failed
+  Pending,   ///< a launch or teardown was interrupted (intent recorded, never completed)
+};
+std::string_view toString(Health health);
+struct Observation {
+  Health health = Health::Running;
+  std::string detail;  ///< why, for anything but Running/Starting/Stopped
+};
+Observation observe(state::Store& store, const state::SandboxRecord& record,
+                    const std::string& run_root);
+
+/// Asks the supervisor for a clean guest power-off (bounded), then kills what is left.
+void stop(state::Store& store, const state::SandboxRecord& record, const std::string& run_root);
+/// Kills the supervisor and the VMM by recorded pid + start time (never a reused pid), bounded.
+void killProcesses(state::Store& store, const state::SandboxRecord& record);
+/// Kills what runs, removes the run dir and the owned-resource rows; keeps the sandbox row.
+[[nodiscard]] Status teardown(state::Store& store, const state::SandboxRecord& record,
+                              const std::string& run_root);
+/// teardown() plus the sandbox row; with `remove_data` also its data dir.
+[[nodiscard]] Status remove(state::Store& store, const state::SandboxRecord& record,
+                            const std::string& run_root, bool remove_data);
+
+/// A sandbox by id, `project/name`, or a name that only one project uses.
+[[nodiscard]] Result<state::SandboxRecord> findSandbox(state::Store& store, const std::string& ref);
+
+/// Crash-test hook: when MATCHLOCK_FAULT names `point`, the process SIGKILLs itself there, so
+/// acceptance tests can prove that every step is recoverable. A no-op otherwise.
+void faultPoint(std::string_view point);
+
+}  // namespace matchlock::runtime
