@@ -48,6 +48,7 @@ int run(int argc, char** argv) {
   addSpecCommands(app, ctx);
   addMiscCommands(app, ctx);
   addVmCommands(app, ctx);
+  addUpCommands(app, ctx);
   addImageCommands(app, ctx);
 
   try {

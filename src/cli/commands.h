@@ -25,6 +25,7 @@ void addSpecCommands(CLI::App& app, CommandContext& ctx);   // validate, config
 void addMiscCommands(CLI::App& app, CommandContext& ctx);   // version, completion
 void addImageCommands(CLI::App& app, CommandContext& ctx);  // pull, image ...
 void addVmCommands(CLI::App& app, CommandContext& ctx);  // run, exec, list, inspect, log, kill, rm
+void addUpCommands(CLI::App& app, CommandContext& ctx);  // up, plan, reconcile, down, ps
 
 /// `matchlock <version> (commit: <sha>, built: <date>)`, as upstream prints it.
 std::string versionLine();

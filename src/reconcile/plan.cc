@@ -63,6 +63,13 @@ void change(std::vector<std::string>& out, std::string_view field, const T& befo
   }
 }
 
+/// "sha256:0123456789ab" (12 hex digits, like docker's short ids).
+std::string shortDigest(const std::string& digest) {
+  size_t colon = digest.find(':');
+  size_t keep = colon == std::string::npos ? 12 : colon + 13;
+  return digest.substr(0, keep);
+}
+
 std::string optString(const std::optional<std::string>& v) {
   return v ? *v : "(image default)";
 }
@@ -306,6 +313,13 @@ Plan plan(const std::string& project, const std::map<std::string, Desired>& desi
         }
       }
     }
+    if (!want.image_digest.empty() && !have.image_digest.empty() &&
+        want.image_digest != have.image_digest) {
+      changed.insert("image");
+      reasons["image"].push_back(fmt::format("image digest changed: {} → {}",
+                                             shortDigest(have.image_digest),
+                                             shortDigest(want.image_digest)));
+    }
     if (!want.secrets_hash.empty() && !have.secrets_hash.empty() &&
         want.secrets_hash != have.secrets_hash) {
       changed.insert("secrets");
@@ -334,11 +348,11 @@ Plan plan(const std::string& project, const std::map<std::string, Desired>& desi
       }
     }
 
-    const char* health = healthReason(have.health);
-    if (*health != '\0') {
+    std::string health = have.detail.empty() ? healthReason(have.health) : have.detail;
+    if (have.health != Observed::Health::Running && have.health != Observed::Health::Stopped) {
       // Repairs happen even with --no-recreate: the sandbox is not running as declared.
       action.kind = ActionKind::Recreate;
-      action.reasons.emplace_back(health);
+      action.reasons.push_back(health);
       action.reasons.insert(action.reasons.end(), lines.begin(), lines.end());
     } else if (options.force_recreate) {
       action.kind = ActionKind::Recreate;

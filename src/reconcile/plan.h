@@ -47,6 +47,13 @@ struct Desired {
   /// Keyed hash of the current secret values (rotation detection); empty when there are no
   /// secrets or values are not resolved (dry runs may skip reading them).
   std::string secrets_hash;
+  /// Manifest digest the image reference resolves to in the local store (empty: not pulled yet,
+  /// or unknown). A change against Observed::image_digest recreates with "image digest changed".
+  std::string image_digest;
+  /// Set when the sandbox cannot be (re)started as declared (e.g. a secret's source is missing).
+  /// The planner plans as usual; apply() fails such an action, if it has to start anything, with
+  /// this message and leaves the other sandboxes alone.
+  std::string blocked;
 };
 
 /// What the state store and live probes say about a sandbox.
@@ -64,6 +71,9 @@ struct Observed {
   /// The spec last applied (decoded from the state store's normalized JSON).
   spec::SandboxSpec applied;
   std::string secrets_hash;
+  std::string image_digest;  ///< digest last booted (empty: unknown)
+  /// Why the health is what it is, when it is not Running or Stopped (shown as the reason).
+  std::string detail;
 };
 
 struct PlanOptions {

@@ -29,6 +29,25 @@ bool mentions(const Action& a, const std::string& text) {
   return false;
 }
 
+Desired desired(const spec::SandboxSpec& s, const std::string& secrets_hash,
+                const std::string& image_digest = "") {
+  Desired d;
+  d.spec = s;
+  d.secrets_hash = secrets_hash;
+  d.image_digest = image_digest;
+  return d;
+}
+
+Observed obs(Observed::Health health, const spec::SandboxSpec& s, const std::string& secrets_hash,
+             const std::string& image_digest = "") {
+  Observed o;
+  o.health = health;
+  o.applied = s;
+  o.secrets_hash = secrets_hash;
+  o.image_digest = image_digest;
+  return o;
+}
+
 struct Row {
   const char* name;
   std::function<void(spec::SandboxSpec&)> edit;
@@ -80,8 +99,8 @@ TEST_CASE("each field class maps to the right action") {
     SECTION(row.name) {
       spec::SandboxSpec want = base("a");
       row.edit(want);
-      Plan p = plan("proj", {{"a", Desired{want, ""}}},
-                    {{"a", Observed{Observed::Health::Running, base("a"), ""}}}, {});
+      Plan p = plan("proj", {{"a", desired(want, "")}},
+                    {{"a", obs(Observed::Health::Running, base("a"), "")}}, {});
       REQUIRE(p.actions.size() == 1);
       CHECK(p.actions[0].kind == row.expected);
       if (*row.reason != '\0') {
@@ -99,7 +118,8 @@ TEST_CASE("env values never appear in reasons, only names") {
   have.env["KEY"] = "old-value-123";
   spec::SandboxSpec want = have;
   want.env["KEY"] = "new-value-456";
-  Plan p = plan("p", {{"a", {want, ""}}}, {{"a", {Observed::Health::Running, have, ""}}}, {});
+  Plan p =
+      plan("p", {{"a", desired(want, "")}}, {{"a", obs(Observed::Health::Running, have, "")}}, {});
   std::string text = renderPlan(p) + planToJson(p).dump();
   CHECK(text.find("~KEY") != std::string::npos);
   CHECK(text.find("value-123") == std::string::npos);
@@ -112,15 +132,15 @@ TEST_CASE("live groups update in place when their layer supports it") {
   want.ports.push_back(spec::PortForward{8080, 80, "127.0.0.1", "tcp"});
   PlanOptions opts;
   opts.live_supported = {"egress", "ports"};
-  Plan p =
-      plan("p", {{"a", {want, ""}}}, {{"a", {Observed::Health::Running, base("a"), ""}}}, opts);
+  Plan p = plan("p", {{"a", desired(want, "")}},
+                {{"a", obs(Observed::Health::Running, base("a"), "")}}, opts);
   REQUIRE(p.actions.size() == 1);
   CHECK(p.actions[0].kind == ActionKind::UpdateLive);
   CHECK(p.actions[0].live_groups == std::vector<std::string>{"egress", "ports"});
   // A recreate-class change alongside wins.
   want.memory_mib = 2048;
-  Plan q =
-      plan("p", {{"a", {want, ""}}}, {{"a", {Observed::Health::Running, base("a"), ""}}}, opts);
+  Plan q = plan("p", {{"a", desired(want, "")}},
+                {{"a", obs(Observed::Health::Running, base("a"), "")}}, opts);
   CHECK(q.actions[0].kind == ActionKind::Recreate);
   CHECK(mentions(q.actions[0], "allow_hosts: +a.com"));
 }
@@ -131,14 +151,18 @@ TEST_CASE("secret rotation is detected from the keyed hash, not values") {
       spec::SecretRef{"K", spec::SecretRef::Kind::Env, "K", "", {}, "", "", {"x.com"}});
   PlanOptions opts;
   opts.live_supported = {"secrets"};
-  Plan same = plan("p", {{"a", {s, "h1"}}}, {{"a", {Observed::Health::Running, s, "h1"}}}, opts);
+  Plan same =
+      plan("p", {{"a", desired(s, "h1")}}, {{"a", obs(Observed::Health::Running, s, "h1")}}, opts);
   CHECK(same.actions[0].kind == ActionKind::Noop);
-  Plan rotated = plan("p", {{"a", {s, "h2"}}}, {{"a", {Observed::Health::Running, s, "h1"}}}, opts);
+  Plan rotated =
+      plan("p", {{"a", desired(s, "h2")}}, {{"a", obs(Observed::Health::Running, s, "h1")}}, opts);
   CHECK(rotated.actions[0].kind == ActionKind::UpdateLive);
   CHECK(mentions(rotated.actions[0], "secret values rotated"));
-  Plan unknown = plan("p", {{"a", {s, ""}}}, {{"a", {Observed::Health::Running, s, "h1"}}}, opts);
+  Plan unknown =
+      plan("p", {{"a", desired(s, "")}}, {{"a", obs(Observed::Health::Running, s, "h1")}}, opts);
   CHECK(unknown.actions[0].kind == ActionKind::Noop);  // dry run without reading values
-  Plan not_live = plan("p", {{"a", {s, "h2"}}}, {{"a", {Observed::Health::Running, s, "h1"}}}, {});
+  Plan not_live =
+      plan("p", {{"a", desired(s, "h2")}}, {{"a", obs(Observed::Health::Running, s, "h1")}}, {});
   CHECK(not_live.actions[0].kind == ActionKind::Recreate);
 }
 
@@ -159,21 +183,22 @@ TEST_CASE("health: create, start, and repairs") {
   for (const HealthRow& row : rows) {
     PlanOptions opts;
     opts.no_recreate = true;  // repairs happen anyway
-    Plan p = plan("p", {{"a", {base("a"), ""}}}, {{"a", {row.health, base("a"), ""}}}, opts);
+    Plan p =
+        plan("p", {{"a", desired(base("a"), "")}}, {{"a", obs(row.health, base("a"), "")}}, opts);
     CHECK(p.actions[0].kind == row.expected);
     if (*row.reason != '\0') {
       CHECK(mentions(p.actions[0], row.reason));
     }
   }
-  Plan fresh = plan("p", {{"a", {base("a"), ""}}}, {}, {});
+  Plan fresh = plan("p", {{"a", desired(base("a"), "")}}, {}, {});
   CHECK(fresh.actions[0].kind == ActionKind::Create);
 }
 
 TEST_CASE("force-recreate and no-recreate") {
   PlanOptions force;
   force.force_recreate = true;
-  Plan f = plan("p", {{"a", {base("a"), ""}}}, {{"a", {Observed::Health::Running, base("a"), ""}}},
-                force);
+  Plan f = plan("p", {{"a", desired(base("a"), "")}},
+                {{"a", obs(Observed::Health::Running, base("a"), "")}}, force);
   CHECK(f.actions[0].kind == ActionKind::Recreate);
   CHECK(mentions(f.actions[0], "--force-recreate"));
 
@@ -181,25 +206,25 @@ TEST_CASE("force-recreate and no-recreate") {
   want.memory_mib = 4096;
   PlanOptions keep;
   keep.no_recreate = true;
-  Plan n =
-      plan("p", {{"a", {want, ""}}}, {{"a", {Observed::Health::Running, base("a"), ""}}}, keep);
+  Plan n = plan("p", {{"a", desired(want, "")}},
+                {{"a", obs(Observed::Health::Running, base("a"), "")}}, keep);
   CHECK(n.actions[0].kind == ActionKind::Noop);
   CHECK(mentions(n.actions[0], "not applied (--no-recreate): memory"));
-  Plan stopped =
-      plan("p", {{"a", {want, ""}}}, {{"a", {Observed::Health::Stopped, base("a"), ""}}}, keep);
+  Plan stopped = plan("p", {{"a", desired(want, "")}},
+                      {{"a", obs(Observed::Health::Stopped, base("a"), "")}}, keep);
   CHECK(stopped.actions[0].kind == ActionKind::Start);
 }
 
 TEST_CASE("orphans are reported, and removed only with --remove-orphans") {
-  std::map<std::string, Observed> have = {{"a", {Observed::Health::Running, base("a"), ""}},
-                                          {"old", {Observed::Health::Running, base("old"), ""}}};
-  Plan keep = plan("p", {{"a", {base("a"), ""}}}, have, {});
+  std::map<std::string, Observed> have = {{"a", obs(Observed::Health::Running, base("a"), "")},
+                                          {"old", obs(Observed::Health::Running, base("old"), "")}};
+  Plan keep = plan("p", {{"a", desired(base("a"), "")}}, have, {});
   CHECK(keep.orphans == std::vector<std::string>{"old"});
   CHECK_FALSE(keep.hasChanges());
   CHECK(renderPlan(keep).find("! orphan old") != std::string::npos);
   PlanOptions rm;
   rm.remove_orphans = true;
-  Plan removed = plan("p", {{"a", {base("a"), ""}}}, have, rm);
+  Plan removed = plan("p", {{"a", desired(base("a"), "")}}, have, rm);
   REQUIRE(removed.actions.size() == 2);
   CHECK(removed.actions[1].kind == ActionKind::Remove);
   CHECK(removed.actions[1].sandbox == "old");
@@ -211,10 +236,10 @@ TEST_CASE("dependencies come first; `only` pulls in what a sandbox depends on") 
   web.depends_on = {"db", "cache"};
   spec::SandboxSpec cache = base("cache");
   cache.depends_on = {"db"};
-  std::map<std::string, Desired> want = {{"web", {web, ""}},
-                                         {"db", {base("db"), ""}},
-                                         {"cache", {cache, ""}},
-                                         {"solo", {base("solo"), ""}}};
+  std::map<std::string, Desired> want = {{"web", desired(web, "")},
+                                         {"db", desired(base("db"), "")},
+                                         {"cache", desired(cache, "")},
+                                         {"solo", desired(base("solo"), "")}};
   Plan all = plan("p", want, {}, {});
   std::vector<std::string> order;
   for (const auto& a : all.actions) {
@@ -224,7 +249,7 @@ TEST_CASE("dependencies come first; `only` pulls in what a sandbox depends on") 
   PlanOptions only;
   only.only = {"web"};
   std::map<std::string, Observed> have = {
-      {"stray", {Observed::Health::Running, base("stray"), ""}}};
+      {"stray", obs(Observed::Health::Running, base("stray"), "")}};
   Plan some = plan("p", want, have, only);
   order.clear();
   for (const auto& a : some.actions) {
@@ -237,8 +262,8 @@ TEST_CASE("dependencies come first; `only` pulls in what a sandbox depends on") 
 TEST_CASE("plan rendering and JSON") {
   spec::SandboxSpec want = base("a");
   want.memory_mib = 1024;
-  Plan p = plan("proj", {{"a", {want, ""}}, {"b", {base("b"), ""}}},
-                {{"a", {Observed::Health::Running, base("a"), ""}}}, {});
+  Plan p = plan("proj", {{"a", desired(want, "")}, {"b", desired(base("b"), "")}},
+                {{"a", obs(Observed::Health::Running, base("a"), "")}}, {});
   std::string text = renderPlan(p);
   CHECK(text.find("-/+ recreate a\n      memory: 512 MiB → 1024 MiB\n") != std::string::npos);
   CHECK(text.find("+ create b\n") != std::string::npos);
@@ -246,7 +271,33 @@ TEST_CASE("plan rendering and JSON") {
   auto j = planToJson(p);
   CHECK(j["changes"] == true);
   CHECK(j["actions"][0]["action"] == "recreate");
-  Plan none = plan("proj", {{"b", {base("b"), ""}}},
-                   {{"b", {Observed::Health::Running, base("b"), ""}}}, {});
+  Plan none = plan("proj", {{"b", desired(base("b"), "")}},
+                   {{"b", obs(Observed::Health::Running, base("b"), "")}}, {});
   CHECK(renderPlan(none).find("up to date") != std::string::npos);
+}
+
+TEST_CASE("an image digest change recreates; an unknown digest does not") {
+  spec::SandboxSpec s = base("a");
+  Plan moved =
+      plan("p", {{"a", desired(s, "", "sha256:bbbbbbbbbbbbbbbbbbbbbbbb")}},
+           {{"a", obs(Observed::Health::Running, s, "", "sha256:aaaaaaaaaaaaaaaaaaaaaaaa")}}, {});
+  REQUIRE(moved.actions.size() == 1);
+  CHECK(moved.actions[0].kind == ActionKind::Recreate);
+  CHECK(mentions(moved.actions[0],
+                 "image digest changed: sha256:aaaaaaaaaaaa → sha256:bbbbbbbbbbbb"));
+  Plan unknown = plan("p", {{"a", desired(s, "", "")}},
+                      {{"a", obs(Observed::Health::Running, s, "", "sha256:aaaa")}}, {});
+  CHECK(unknown.actions[0].kind == ActionKind::Noop);
+  Plan legacy = plan("p", {{"a", desired(s, "", "sha256:bbbb")}},
+                     {{"a", obs(Observed::Health::Running, s, "", "")}}, {});
+  CHECK(legacy.actions[0].kind == ActionKind::Noop);
+}
+
+TEST_CASE("an observed detail is the repair reason") {
+  spec::SandboxSpec s = base("a");
+  Observed o = obs(Observed::Health::Leaked, s, "");
+  o.detail = "run dir /x/vm-1 is gone";
+  Plan p = plan("p", {{"a", desired(s, "")}}, {{"a", o}}, {});
+  CHECK(p.actions[0].kind == ActionKind::Recreate);
+  CHECK(p.actions[0].reasons.front() == "run dir /x/vm-1 is gone");
 }
