@@ -168,6 +168,40 @@ std::map<std::string, reconcile::Desired> desiredOf(const spec::Project& project
   return out;
 }
 
+/// Declared features whose layers are not wired to sandboxes yet. `up` says so for every sandbox
+/// it starts instead of silently ignoring them; each sandbox still boots, offline and without them.
+std::vector<std::string> notYetWired(const spec::SandboxSpec& s) {
+  std::vector<std::string> out;
+  if (!s.network.no_network) {
+    out.emplace_back(
+        "network: no NIC is attached yet, the sandbox runs offline (egress fails "
+        "closed)");
+  }
+  if (!s.secrets.empty()) {
+    out.emplace_back(
+        "secrets: not injected yet (no egress proxy attached); values are only "
+        "hashed for rotation");
+  }
+  if (std::ranges::any_of(s.mounts,
+                          [](const auto& m) { return m.mode != spec::MountMode::Memory; })) {
+    out.emplace_back("mounts: host directories are not attached yet (no VFS layer)");
+  }
+  if (std::ranges::any_of(s.mounts,
+                          [](const auto& m) { return m.mode == spec::MountMode::Memory; })) {
+    out.emplace_back("mounts: memory mounts are not attached yet");
+  }
+  if (!s.ports.empty()) {
+    out.emplace_back("ports: not forwarded yet");
+  }
+  if (s.command || s.entrypoint) {
+    out.emplace_back("command: not started at boot yet; run it with `matchlock exec`");
+  }
+  if (s.healthcheck) {
+    out.emplace_back("healthcheck: not run yet; readiness is the guest agent answering");
+  }
+  return out;
+}
+
 std::string fmtSeconds(std::chrono::milliseconds ms) {
   return fmt::format("{:.1f}s", static_cast<double>(ms.count()) / 1000.0);
 }
@@ -280,7 +314,28 @@ Result<PassResult> reconcileProject(const spec::Project& project, const UpOption
       }
     }
   }
-  if (o.dry_run || !plan.hasChanges()) {
+  nlohmann::ordered_json warnings = nlohmann::ordered_json::object();
+  for (const auto& a : plan.actions) {
+    auto it = desired.find(a.sandbox);
+    if (it == desired.end() || a.kind == reconcile::ActionKind::Noop ||
+        a.kind == reconcile::ActionKind::Remove) {
+      continue;
+    }
+    auto lines = notYetWired(it->second.spec);
+    if (lines.empty()) {
+      continue;
+    }
+    warnings[a.sandbox] = lines;
+    if (human) {
+      for (const auto& w : lines) {
+        fmt::print(stderr, "warning: {}: {}\n", a.sandbox, w);
+      }
+    }
+  }
+  result.json["warnings"] = warnings;
+  // Nothing to change returns at once, unless --wait asks to see every sandbox ready (one just
+  // launched by an interrupted run may still be booting).
+  if (o.dry_run || (!plan.hasChanges() && !o.wait)) {
     return result;
   }
 
@@ -631,7 +686,8 @@ void setExit(CommandContext& ctx, Result<int> r) {
 }
 
 void addUpFlags(CLI::App* c, UpOptions& o) {
-  c->add_option("-f,--file", o.files, "Spec file or directory (repeatable; default: .)");
+  c->add_option("-f,--file", o.files, "Spec file or directory (repeatable; default: .)")
+      ->allow_extra_args(false);
   c->add_option("-p,--project", o.project, "Project name (default: the specs' name)");
   c->add_option("sandbox", o.only, "Only these sandboxes (and what they depend on)");
   c->add_option("-o,--output", o.output, "human or json")->check(CLI::IsMember({"human", "json"}));
@@ -683,7 +739,8 @@ void addUpCommands(CLI::App& app, CommandContext& ctx) {
 
   auto down = std::make_shared<DownOptions>();
   auto* d = app.add_subcommand("down", "Stop and remove a project's sandboxes");
-  d->add_option("-f,--file", down->files, "Spec file or directory naming the project");
+  d->add_option("-f,--file", down->files, "Spec file or directory naming the project")
+      ->allow_extra_args(false);
   d->add_option("-p,--project", down->project, "Project name");
   d->add_flag("-v,--volumes", down->volumes, "Also delete the sandboxes' overlay data");
   d->add_option("--lock-timeout", down->lock_timeout,
@@ -692,7 +749,8 @@ void addUpCommands(CLI::App& app, CommandContext& ctx) {
 
   auto ps = std::make_shared<PsOptions>();
   auto* s = app.add_subcommand("ps", "List declared sandboxes with their observed status");
-  s->add_option("-f,--file", ps->files, "Spec file or directory naming the project");
+  s->add_option("-f,--file", ps->files, "Spec file or directory naming the project")
+      ->allow_extra_args(false);
   s->add_option("-p,--project", ps->project, "Project name (default: every project)");
   s->add_option("-o,--output", ps->output, "human or json")
       ->check(CLI::IsMember({"human", "json"}));

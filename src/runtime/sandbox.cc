@@ -127,13 +127,16 @@ Result<std::string> launch(state::Store& store, const spec::SandboxSpec& spec,
   const std::string run_dir = runDirOf(root, id);
   const std::string upper = upperDiskOf(run_dir, options);
   const std::string hostname = spec.hostname.empty() ? spec.name : spec.hostname;
+  std::error_code abs_ec;
+  const std::string source =
+      spec.source_file.empty() ? "" : fs::absolute(spec.source_file, abs_ec).string();
 
   // 1. The record first, status "creating": from here on a crash leaves a row that observation
   //    reports as an interrupted launch, so the next `up` or `prune` cleans up.
   if (existing_id) {
     state::SandboxSpecUpdate update;
-    if (!spec.source_file.empty()) {
-      update.source_file = spec.source_file;
+    if (!source.empty()) {
+      update.source_file = source;
     }
     update.spec_json = spec::toJson(spec).dump();
     update.spec_hash = spec::specHash(spec);
@@ -148,8 +151,8 @@ Result<std::string> launch(state::Store& store, const spec::SandboxSpec& spec,
     rec.id = id;
     rec.project = options.project;
     rec.name = spec.name.empty() ? id : spec.name;
-    if (!spec.source_file.empty()) {
-      rec.source_file = spec.source_file;
+    if (!source.empty()) {
+      rec.source_file = source;
     }
     rec.spec_json = spec::toJson(spec).dump();
     rec.spec_hash = spec::specHash(spec);

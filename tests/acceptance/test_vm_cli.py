@@ -4,19 +4,17 @@ busybox fixture image: run/exec/list/inspect/log/kill/rm/prune, stdin, env/cwd/u
 concurrency, cancellation, crash detection, and that nothing is left behind."""
 import json
 import os
-import pathlib
 import pty
 import signal
 import subprocess
-import sys
 import threading
 import time
 
 import pytest
 
 from framework.kernel import guest_kernel
+from framework.vm import VmEnv, busybox_save_tar, qemu_pids
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.need_qemu
 
 
@@ -27,51 +25,13 @@ def kernel():
 
 @pytest.fixture(scope="module")
 def busybox_tar():
-    out = subprocess.run([sys.executable, str(ROOT / "tests/fixtures/build_images.py"), "busybox"],
-                         check=True, capture_output=True, text=True, timeout=600)
-    return pathlib.Path(out.stdout.strip().splitlines()[-1]) / "busybox-save.tar"
-
-
-class VmEnv:
-    def __init__(self, tmp_path, kernel):
-        self.binary = os.environ.get("MATCHLOCK_BIN", str(ROOT / "build" / "matchlock"))
-        self.home = tmp_path / "home"
-        self.env = dict(os.environ)
-        self.env.update({"MATCHLOCK_HOME": str(self.home), "XDG_CACHE_HOME": str(tmp_path / "cache"),
-                         "MATCHLOCK_KERNEL": kernel, "MATCHLOCK_ACCEL": "tcg"})
-        self.env.pop("MATCHLOCK_PROJECT", None)
-
-    def run(self, *args, timeout=120, input=None, check=False):
-        p = subprocess.run([self.binary, *map(str, args)], capture_output=True, text=True,
-                           env=self.env, timeout=timeout, input=input)
-        if check:
-            assert p.returncode == 0, p.stderr
-        return p
-
-    def popen(self, *args, **kw):
-        return subprocess.Popen([self.binary, *map(str, args)], env=self.env, **kw)
-
-    def sandboxes(self):
-        return json.loads(self.run("list", "-o", "json", check=True).stdout)
-
-    def run_dirs(self):
-        d = self.home / "run"
-        return sorted(p.name for p in d.iterdir()) if d.exists() else []
-
-
-def qemu_pids(sandbox_dir_fragment):
-    out = subprocess.run(["pgrep", "-f", f"qemu-system.*{sandbox_dir_fragment}"],
-                         capture_output=True, text=True)
-    return out.stdout.split()
+    return busybox_save_tar()
 
 
 @pytest.fixture
 def vm(tmp_path, kernel, busybox_tar):
     env = VmEnv(tmp_path, kernel)
-    with open(busybox_tar, "rb") as f:
-        r = subprocess.run([env.binary, "image", "import", "busybox:latest"], stdin=f,
-                           capture_output=True, text=True, env=env.env, timeout=300)
-    assert r.returncode == 0, r.stderr
+    env.import_image(busybox_tar)
     yield env
     # Whatever a test left running is torn down, and the teardown itself must leave nothing.
     env.run("kill", "--all")
