@@ -13,7 +13,6 @@
 #include <cerrno>
 #include <cstdlib>
 #include <cstring>
-#include <filesystem>
 #include <vector>
 
 #include "guest/agent/log.h"
@@ -174,11 +173,6 @@ void ExecSession::start(std::string_view payload) {
   }
   argv.push_back(nullptr);
   std::string cwd = req->cwd.empty() ? user->home : req->cwd;
-  if (!req->cwd.empty() && req->cwd.front() == '/') {
-    // Like `docker run -w`: a missing working directory is created (root-owned, 0755).
-    std::error_code ec;
-    std::filesystem::create_directories(req->cwd, ec);
-  }
 
   Fd child_in;
   Fd child_out;

@@ -162,7 +162,8 @@ Result<int> runCommand(const RunOptions& o) {
   lo.project = kAdhocProject;
   lo.boot_timeout = std::chrono::seconds(o.boot_timeout);
   lo.image_digest = prepared.record.manifest_digest;
-  ML_RETURN_IF_ERROR(runtime::launch(store, sb, prepared, assets, lo, id));
+  lo.id = id;
+  ML_RETURN_IF_ERROR(runtime::launch(store, sb, prepared, assets, lo));
   // From here on, a failure must not leave anything behind unless the user asked to keep it.
   auto cleanup = [&](Error e) -> Result<int> {
     if (auto current = store.getSandbox(id); current) {

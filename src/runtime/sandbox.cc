@@ -122,7 +122,8 @@ Result<std::string> launch(state::Store& store, const spec::SandboxSpec& spec,
                            const image::PreparedImage& image, const BootAssets& assets,
                            const LaunchOptions& options,
                            const std::optional<std::string>& existing_id) {
-  const std::string id = existing_id.value_or(newSandboxId());
+  const std::string id =
+      existing_id ? *existing_id : (options.id.empty() ? newSandboxId() : options.id);
   ML_ASSIGN_OR_RETURN(std::string root, runRoot());
   const std::string run_dir = runDirOf(root, id);
   const std::string upper = upperDiskOf(run_dir, options);

@@ -44,6 +44,8 @@ struct BootAssets {
 
 struct LaunchOptions {
   std::string project;
+  /// Id of a new record (default: newSandboxId()); ignored when re-launching an existing one.
+  std::string id;
   /// Persistent upper disk (declared sandboxes); empty: `<run dir>/upper.ext4`, discarded with
   /// the sandbox.
   std::string data_disk;
