@@ -7,7 +7,8 @@
 //   matchlock-guest version|selftest
 // Kernel parameters: matchlock.root=serial:NAME or /dev/vdX (image disk),
 // matchlock.rootfs=ext4|erofs, matchlock.upper=serial:NAME or /dev/vdX (writable disk),
-// matchlock.hostname, matchlock.dns=ip[,ip], matchlock.probe=1 (power off right after init starts:
+// matchlock.hostname, matchlock.dns=ip[,ip], matchlock.workdir=/abs/path (created if missing, as
+// an image's WORKDIR is), matchlock.probe=1 (power off right after init starts:
 // boot benchmark). Networking joins later.
 #include <dirent.h>
 #include <fcntl.h>
@@ -20,6 +21,7 @@
 #include <cerrno>
 #include <cstdlib>
 #include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <string>
 
@@ -263,6 +265,13 @@ std::string setupCgroup(const std::string& cpus) {
     (void)::sethostname(hostname.data(), hostname.size());
   }
   writeEtc(hostname, kernelParam("matchlock.dns"));
+  if (std::string workdir = kernelParam("matchlock.workdir"); workdir.starts_with("/")) {
+    std::error_code ec;
+    std::filesystem::create_directories(workdir, ec);
+    if (ec) {
+      logLine("workdir {}: {}", workdir, ec.message());
+    }
+  }
   if (Status st = bringUpLoopback(); !st) {
     logLine("network: {}", st.error().toString());
   }

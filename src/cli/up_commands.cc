@@ -505,7 +505,9 @@ void printStatusLines(const std::string& project, const BackoffMap& backoff) {
     }
     fmt::print("{}\n", line);
   }
-  for (const auto& [name, b] : backoff) {
+  for (const auto& entry : backoff) {
+    const std::string& name = entry.first;
+    const Backoff& b = entry.second;
     bool recorded = std::ranges::any_of(*rows, [&](const auto& r) { return r.name == name; });
     if (!recorded) {
       auto left = std::chrono::duration_cast<std::chrono::seconds>(b.next_try - now);

@@ -209,6 +209,11 @@ Result<std::string> launch(state::Store& store, const spec::SandboxSpec& spec,
   cfg.vm.kernel_params = {"matchlock.root=serial:image", "matchlock.upper=serial:upper",
                           "matchlock.hostname=" + hostname,
                           fmt::format("matchlock.cpus={}", spec.cpus)};
+  // The spec's working directory exists in the guest even when the image lacks it (a kernel
+  // parameter cannot hold whitespace: such a path is left to the image).
+  if (spec.workdir && spec.workdir->find_first_of(" \t\n") == std::string::npos) {
+    cfg.vm.kernel_params.push_back("matchlock.workdir=" + *spec.workdir);
+  }
   cfg.upper_disk_mib = spec.disk_mib;
   cfg.upper_disk_path = upper;
   cfg.keep_upper_disk = !options.data_disk.empty();
@@ -374,8 +379,9 @@ void killProcesses(state::Store& store, const state::SandboxRecord& r) {
 }
 
 void stop(state::Store& store, const state::SandboxRecord& r, const std::string& run_root) {
-  if (alive(r.supervisor)) {
-    (void)controlRequest(supervisor::controlSocketPath(runDirOf(run_root, r.id)), "stop", 2000);
+  // A supervisor that does not take the request (its socket gone) is not waited for.
+  if (alive(r.supervisor) &&
+      controlRequest(supervisor::controlSocketPath(runDirOf(run_root, r.id)), "stop", 2000)) {
     for (int i = 0; i < 400 && alive(r.supervisor); ++i) {  // 10 s for a clean power-off
       std::this_thread::sleep_for(std::chrono::milliseconds(25));
     }

@@ -295,8 +295,24 @@ def test_orphans_are_kept_unless_asked_and_ps_shows_the_source(vm):
     assert set(ps(vm)) == {"db"}
 
 
-def test_reconcile_watch_repairs_drift_and_follows_edits(vm):
+def test_removed_run_dir_is_detected_and_repaired_without_leaks(vm):
     write_spec(vm)
+    vm.run("up", "-f", vm.specs, "--wait", check=True, timeout=300)
+    web = ps(vm)["web"]
+    subprocess.run(["rm", "-rf", str(vm.home / "run" / web["id"])], check=True)
+    row = ps(vm)["web"]
+    assert row["status"] == "leaked" and "is gone" in row["detail"], row
+    r, out = up_json(vm, "--wait")
+    assert actions(out)["web"]["action"] == "recreate"
+    assert ps(vm)["web"]["status"] == "running"
+    # The old supervisor and VM were killed by their recorded identity, not left behind.
+    assert len(qemu_pids(str(vm.home))) == 2
+    assert len(supervisor_pids(str(vm.home))) == 2
+
+
+def test_reconcile_watch_repairs_drift_and_follows_edits(vm):
+    write_spec(vm, text=TWO.format(db_memory="256MiB") +
+               '\n[sandboxes.ghost]\nimage = "registry.invalid/ghost:1"\n')
     watch = vm.popen("reconcile", "-f", vm.specs, "--watch", "--interval", "1s",
                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
@@ -310,12 +326,13 @@ def test_reconcile_watch_repairs_drift_and_follows_edits(vm):
             raise AssertionError(f"timed out waiting for {what}: {ps(vm)}")
 
         rows = wait_for(lambda r: len(r) == 2 and all(x["status"] == "running" for x in r.values()),
-                        "both running")
+                        "db and web running")
         for pid in qemu_pids(rows["db"]["id"]):
             os.kill(int(pid), signal.SIGKILL)
         wait_for(lambda r: r["db"]["pid"] != rows["db"]["pid"] and r["db"]["status"] == "running",
                  "db repaired")
-        write_spec(vm, db_memory="300MiB")
+        write_spec(vm, text=TWO.format(db_memory="300MiB") +
+                   '\n[sandboxes.ghost]\nimage = "registry.invalid/ghost:1"\n')
         gen = ps(vm)["db"]["generation"]
         wait_for(lambda r: r["db"]["generation"] > gen and r["db"]["status"] == "running",
                  "db recreated after the edit")
@@ -324,3 +341,42 @@ def test_reconcile_watch_repairs_drift_and_follows_edits(vm):
         out, _ = watch.communicate(timeout=60)
     assert watch.returncode == 0, out
     assert "demo/db" in out and "spec files changed" in out
+    # The sandbox that cannot start backs off instead of being retried on every pass.
+    assert "demo/ghost - failed 1×, retry in" in out, out
+
+
+def test_a_moved_image_tag_recreates_with_the_digest_in_the_reason(vm, image_fixtures):
+    write_spec(vm)
+    vm.run("up", "-f", vm.specs, "--wait", check=True, timeout=300)
+    # Re-point busybox:latest at other content, as a `pull` of a moved tag would.
+    layout = image_fixtures["agent"] / "agent-oci"
+    tar = subprocess.run(["tar", "-C", str(layout), "-cf", "-", "."], check=True,
+                         capture_output=True).stdout
+    r = subprocess.run([vm.binary, "image", "import", "busybox:latest"], input=tar,
+                       capture_output=True, env=vm.env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    r = vm.run("plan", "-f", vm.specs, "--detailed-exitcode")
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert r.stdout.count("image digest changed: sha256:") == 2, r.stdout
+    assert "-/+ recreate db" in r.stdout and "-/+ recreate web" in r.stdout
+
+
+def test_a_larger_disk_grows_the_kept_data_disk_and_workdir_exists(vm):
+    spec = 'name = "demo"\n[sandboxes.box]\nimage = "busybox:latest"\nmemory = "256MiB"\n' \
+           'workdir = "/srv/app"\ndisk = "{disk}"\n'
+    write_spec(vm, text=spec.format(disk="64MiB"))
+    vm.run("up", "-f", vm.specs, "--wait", check=True, timeout=300)
+    r = vm.run("exec", "box", "--", "sh", "-c", "pwd; echo x > data; sync; df -m / | tail -1",
+               check=True)
+    lines = r.stdout.split("\n")
+    assert lines[0] == "/srv/app"
+    small = int(lines[1].split()[1])
+    assert 40 < small <= 64, r.stdout
+    write_spec(vm, text=spec.format(disk="128MiB"))
+    r = vm.run("up", "-f", vm.specs, "--wait", timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "disk: 64 MiB → 128 MiB" in r.stdout
+    r = vm.run("exec", "box", "--", "sh", "-c", "cat data; df -m / | tail -1", check=True)
+    lines = r.stdout.split("\n")
+    assert lines[0] == "x"
+    assert 100 < int(lines[1].split()[1]) <= 128, r.stdout
