@@ -193,9 +193,6 @@ std::vector<std::string> notYetWired(const spec::SandboxSpec& s) {
   if (!s.ports.empty()) {
     out.emplace_back("ports: not forwarded yet");
   }
-  if (s.command || s.entrypoint) {
-    out.emplace_back("command: not started at boot yet; run it with `matchlock exec`");
-  }
   if (s.healthcheck) {
     out.emplace_back("healthcheck: not run yet; readiness is the guest agent answering");
   }

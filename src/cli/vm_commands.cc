@@ -26,6 +26,7 @@
 #include "image/image.h"
 #include "ml_version.h"
 #include "runtime/exec_client.h"
+#include "runtime/main_process.h"
 #include "runtime/sandbox.h"
 #include "spec/model.h"
 #include "spec/normalize.h"
@@ -333,11 +334,12 @@ Status inspectCommand(const std::string& id) {
   return ok();
 }
 
-Status logCommand(const std::string& id, bool follow) {
+Status logCommand(const std::string& id, bool follow, bool main) {
   ML_ASSIGN_OR_RETURN(auto store, state::Store::openDefault());
   ML_ASSIGN_OR_RETURN(auto r, runtime::findSandbox(store, id));
   ML_ASSIGN_OR_RETURN(std::string root, runtime::runRoot());
-  std::string path = supervisor::consoleLogPath(runDirOf(root, id));
+  std::string path = main ? supervisor::mainLogPath(runDirOf(root, r.id))
+                          : supervisor::consoleLogPath(runDirOf(root, r.id));
   size_t offset = 0;
   for (;;) {
     auto text = readFile(path);
@@ -418,13 +420,17 @@ Status pruneCommand() {
   return ok();
 }
 
-Status superviseCommand(const std::string& config_path) {
+Result<supervisor::Config> readSupervisorConfig(const std::string& config_path) {
   ML_ASSIGN_OR_RETURN(std::string text, readFile(config_path));
   auto json = nlohmann::json::parse(text, nullptr, false);
   if (json.is_discarded()) {
     return makeError(Errc::InvalidSpec, fmt::format("{}: not JSON", config_path));
   }
-  ML_ASSIGN_OR_RETURN(auto config, supervisor::configFromJson(json));
+  return supervisor::configFromJson(json);
+}
+
+Status superviseCommand(const std::string& config_path) {
+  ML_ASSIGN_OR_RETURN(auto config, readSupervisorConfig(config_path));
   return supervisor::run(config);
 }
 
@@ -488,10 +494,13 @@ void addVmCommands(CLI::App& app, CommandContext& ctx) {
 
   auto log_id = std::make_shared<std::string>();
   auto follow = std::make_shared<bool>(false);
-  auto* lg = app.add_subcommand("log", "Print a sandbox's console log");
-  lg->add_option("id", *log_id, "Sandbox ID")->required();
+  auto main_log = std::make_shared<bool>(false);
+  auto* lg = app.add_subcommand("log", "Print a sandbox's console log (or its main process's)");
+  lg->add_option("id", *log_id, "Sandbox ID, project/name or name")->required();
   lg->add_flag("-f,--follow", *follow, "Keep printing as the log grows");
-  lg->callback([log_id, follow, &ctx] { ctx.finish(logCommand(*log_id, *follow)); });
+  lg->add_flag("-m,--main", *main_log, "The main process's output (the spec's command)");
+  lg->callback(
+      [log_id, follow, main_log, &ctx] { ctx.finish(logCommand(*log_id, *follow, *main_log)); });
 
   auto kill_ids = std::make_shared<std::vector<std::string>>();
   auto kill_all = std::make_shared<bool>(false);
@@ -510,6 +519,15 @@ void addVmCommands(CLI::App& app, CommandContext& ctx) {
 
   auto* p = app.add_subcommand("prune", "Remove every sandbox that is not running");
   p->callback([&ctx] { ctx.finish(pruneCommand()); });
+
+  auto main_config = std::make_shared<std::string>();
+  auto* mp = app.add_subcommand("__main", "");  // internal: a sandbox's main process runner
+  mp->group("");
+  mp->add_option("--config", *main_config, "vm.json")->required();
+  mp->callback([main_config, &ctx] {
+    auto config = readSupervisorConfig(*main_config);
+    ctx.finish(config ? runtime::runMainProcess(*config) : Status(makeError(config.error())));
+  });
 
   auto sup_config = std::make_shared<std::string>();
   auto* s = app.add_subcommand("__supervise", "");  // internal: the per-sandbox supervisor

@@ -110,6 +110,36 @@ Result<BootAssets> resolveBootAssets(const std::string& accel_name) {
   return assets;
 }
 
+std::optional<supervisor::MainProcess> mainProcessOf(const spec::SandboxSpec& spec,
+                                                     const image::ImageConfig& image) {
+  if (!spec.command && !spec.entrypoint) {
+    return std::nullopt;
+  }
+  supervisor::MainProcess m;
+  if (spec.entrypoint) {
+    m.argv = *spec.entrypoint;
+  } else {
+    m.argv = image.entrypoint;
+  }
+  if (spec.command) {
+    m.argv.insert(m.argv.end(), spec.command->begin(), spec.command->end());
+  }
+  if (m.argv.empty()) {
+    return std::nullopt;
+  }
+  for (const std::string& kv : image.env) {
+    size_t eq = kv.find('=');
+    m.env[kv.substr(0, eq)] = eq == std::string::npos ? "" : kv.substr(eq + 1);
+  }
+  for (const auto& [k, v] : spec.env) {
+    m.env[k] = v;
+  }
+  m.cwd = spec.workdir.value_or(image.working_dir);
+  m.user = spec.user.value_or(image.user);
+  m.restart = std::string(spec::toString(spec.restart));
+  return m;
+}
+
 void faultPoint(std::string_view point) {
   const char* fault = std::getenv("MATCHLOCK_FAULT");
   if (fault != nullptr && point == fault) {
@@ -214,6 +244,7 @@ Result<std::string> launch(state::Store& store, const spec::SandboxSpec& spec,
   if (spec.workdir && spec.workdir->find_first_of(" \t\n") == std::string::npos) {
     cfg.vm.kernel_params.push_back("matchlock.workdir=" + *spec.workdir);
   }
+  cfg.main_process = mainProcessOf(spec, image.config);
   cfg.upper_disk_mib = spec.disk_mib;
   cfg.upper_disk_path = upper;
   cfg.keep_upper_disk = !options.data_disk.empty();

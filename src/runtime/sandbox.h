@@ -10,6 +10,7 @@
 #include "image/image.h"
 #include "spec/model.h"
 #include "state/store.h"
+#include "supervisor/supervisor.h"
 #include "vm/backend.h"
 
 namespace matchlock::runtime {
@@ -39,6 +40,13 @@ struct BootAssets {
   vm::Accel accel = vm::Accel::Tcg;
 };
 [[nodiscard]] Result<BootAssets> resolveBootAssets(const std::string& accel_name);
+
+/// The main process a spec declares (entrypoint/command), or nullopt for a sandbox that idles
+/// until exec'd into. Docker's rules: ENTRYPOINT + CMD, a spec `entrypoint` drops the image's CMD;
+/// env is the image's then the spec's; cwd and user fall back to the image's. The image's own CMD
+/// alone is not run: sandboxes are long-lived and `command` is the explicit request for one.
+std::optional<supervisor::MainProcess> mainProcessOf(const spec::SandboxSpec& spec,
+                                                     const image::ImageConfig& image);
 
 // ---- Lifecycle --------------------------------------------------------------------------------
 

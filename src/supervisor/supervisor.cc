@@ -11,6 +11,7 @@
 
 #include <cerrno>
 #include <cstring>
+#include <filesystem>
 #include <list>
 #include <map>
 #include <memory>
@@ -34,6 +35,10 @@ std::string controlSocketPath(const std::string& run_dir) {
 std::string channelSocketPath(const std::string& run_dir) {
   return run_dir + "/channel.sock";
 }
+std::string mainLogPath(const std::string& run_dir) {
+  return run_dir + "/main.log";
+}
+
 std::string consoleLogPath(const std::string& run_dir) {
   return run_dir + "/console.log";
 }
@@ -57,7 +62,13 @@ nlohmann::json toJson(const Config& c) {
           {"upper_disk_path", c.upper_disk_path},
           {"keep_upper_disk", c.keep_upper_disk},
           {"boot_timeout_ms", c.boot_timeout.count()},
-          {"state_db", c.state_db}};
+          {"state_db", c.state_db},
+          {"main_process", c.main_process ? nlohmann::json{{"argv", c.main_process->argv},
+                                                           {"env", c.main_process->env},
+                                                           {"cwd", c.main_process->cwd},
+                                                           {"user", c.main_process->user},
+                                                           {"restart", c.main_process->restart}}
+                                          : nlohmann::json()}};
 }
 
 Result<Config> configFromJson(const nlohmann::json& j) {
@@ -83,6 +94,15 @@ Result<Config> configFromJson(const nlohmann::json& j) {
     c.keep_upper_disk = j.value("keep_upper_disk", false);
     c.boot_timeout = std::chrono::milliseconds(j.value("boot_timeout_ms", int64_t{60000}));
     c.state_db = j.value("state_db", std::string());
+    if (auto m = j.find("main_process"); m != j.end() && m->is_object()) {
+      MainProcess mp;
+      mp.argv = m->at("argv").get<std::vector<std::string>>();
+      mp.env = m->value("env", std::map<std::string, std::string>{});
+      mp.cwd = m->value("cwd", std::string());
+      mp.user = m->value("user", std::string());
+      mp.restart = m->value("restart", std::string("no"));
+      c.main_process = std::move(mp);
+    }
     c.vm.channel_socket = channelSocketPath(c.run_dir);
     c.vm.control_socket = c.run_dir + "/qmp.sock";
     c.vm.console_log = consoleLogPath(c.run_dir);
@@ -250,6 +270,7 @@ class Supervisor {
   void closeClient(Client* c, const std::string& error = "");
   void stop(const std::string& why);
   void finish(Status status);
+  void startMainProcess();
   Client* clientForStream(uint32_t stream);
 
   Config config_;
@@ -257,6 +278,7 @@ class Supervisor {
   std::optional<state::Store> store_;
   sys::ChildProcess qemu_;
   ev::Watch qemu_watch_;
+  sys::ChildProcess main_;  ///< `matchlock __main`, once the guest is ready
   Fd channel_;
   ev::Watch channel_watch_;
   std::string channel_out_;
@@ -471,6 +493,28 @@ void Supervisor::onReady(std::string_view status_json) {
     }
   }
   flushChannel();
+  startMainProcess();
+}
+
+void Supervisor::startMainProcess() {
+  if (!config_.main_process || main_.running()) {
+    return;
+  }
+  // A child of ours: it relays the main process through our control socket like any exec client
+  // and dies with us (it asks for SIGTERM on our death).
+  std::error_code ec;
+  std::string self = std::filesystem::read_symlink("/proc/self/exe", ec).string();
+  sys::SpawnOptions opts;
+  opts.stdout_path = mainLogPath(config_.run_dir);
+  opts.stderr_path = opts.stdout_path;
+  auto child = sys::ChildProcess::spawn(
+      {self, "--log-level", "warn", "__main", "--config", config_.run_dir + "/vm.json"}, opts);
+  if (!child) {
+    ML_LOG(supervisor, warn, "sandbox {}: starting the main process: {}", config_.sandbox_id,
+           child.error().toString());
+    return;
+  }
+  main_ = std::move(*child);
 }
 
 void Supervisor::onBootTimeout() {
@@ -720,6 +764,9 @@ void Supervisor::finish(Status status) {
   }
   finished_ = true;
   result_ = std::move(status);
+  if (main_.running()) {
+    (void)main_.terminate(std::chrono::milliseconds(500));
+  }
   for (auto& c : clients_) {
     if (c->fd) {
       pumpClient(c.get());

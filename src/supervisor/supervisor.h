@@ -2,7 +2,10 @@
 #pragma once
 
 #include <chrono>
+#include <map>
+#include <optional>
 #include <string>
+#include <vector>
 
 #include <nlohmann/json.hpp>
 
@@ -10,6 +13,17 @@
 #include "vm/backend.h"
 
 namespace matchlock::supervisor {
+
+/// The sandbox's main process (the spec's entrypoint/command): started once the guest is ready,
+/// its output appended to `<run_dir>/main.log`, restarted by `restart` ("no", "on-failure",
+/// "always", "unless-stopped") with backoff. Run by a `matchlock __main` child of the supervisor.
+struct MainProcess {
+  std::vector<std::string> argv;
+  std::map<std::string, std::string> env;
+  std::string cwd;
+  std::string user;
+  std::string restart = "no";
+};
 
 /// What one supervisor runs: written by the CLI to `<run_dir>/vm.json` before it starts the
 /// supervisor process, so that the supervisor needs nothing else to boot and serve the sandbox.
@@ -27,6 +41,7 @@ struct Config {
   std::chrono::milliseconds boot_timeout{60000};
   /// State DB to record status in ("" = do not record, for tests).
   std::string state_db;
+  std::optional<MainProcess> main_process;
 };
 
 nlohmann::json toJson(const Config& config);
@@ -36,6 +51,7 @@ Result<Config> configFromJson(const nlohmann::json& j);
 std::string controlSocketPath(const std::string& run_dir);
 std::string channelSocketPath(const std::string& run_dir);
 std::string consoleLogPath(const std::string& run_dir);
+std::string mainLogPath(const std::string& run_dir);
 
 /// Runs the supervisor in the current process until the VM ends: creates the upper disk, boots
 /// the VM, waits (bounded) for the guest's readiness, serves the control socket (exec relays,

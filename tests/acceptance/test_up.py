@@ -380,3 +380,50 @@ def test_a_larger_disk_grows_the_kept_data_disk_and_workdir_exists(vm):
     lines = r.stdout.split("\n")
     assert lines[0] == "x"
     assert 100 < int(lines[1].split()[1]) <= 128, r.stdout
+
+
+def test_command_runs_at_boot_and_restarts_by_policy(vm):
+    write_spec(vm, text='''name = "demo"
+[sandboxes.svc]
+image = "busybox:latest"
+memory = "256MiB"
+env = { ROLE = "svc" }
+workdir = "/srv"
+command = ["sh", "-c", "echo started $$ROLE in $$(pwd); exec sleep 1000"]
+
+[sandboxes.flaky]
+image = "busybox:latest"
+memory = "256MiB"
+restart = "on-failure"
+command = ["sh", "-c", "echo attempt; exit 3"]
+
+[sandboxes.once]
+image = "busybox:latest"
+memory = "256MiB"
+command = ["sh", "-c", "echo once; exit 3"]
+''')
+    r = vm.run("up", "-f", vm.specs, "--wait", timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "command" not in r.stderr  # no "not started" warning: it is started
+
+    def log(name):
+        return vm.run("log", "--main", f"demo/{name}", check=True).stdout
+
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and (log("flaky").count("attempt") < 2 or
+                                           "started svc" not in log("svc") or
+                                           "exited with code" not in log("once")):
+        time.sleep(0.5)
+    assert "started svc in /srv" in log("svc")
+    flaky = log("flaky")
+    assert flaky.count("attempt") >= 2, flaky
+    assert "restarting in 1 s (restart: on-failure)" in flaky
+    once = log("once")
+    assert once.count("once\n") == 1 and "exited with code 3 (restart: no)" in once, once
+    # The main process runs inside the sandbox, next to exec'd ones.
+    r = vm.run("exec", "svc", "--", "sh", "-c", "cat /proc/[0-9]*/cmdline | tr '\\0' ' '",
+               check=True)
+    assert "sleep 1000" in r.stdout
+    # It is part of the sandbox: down leaves no runner behind.
+    vm.run("down", "-p", "demo", check=True)
+    assert subprocess.run(["pgrep", "-f", f"__main.*{vm.home}"], capture_output=True).stdout == b""
