@@ -121,11 +121,7 @@ Result<int> runCommand(const RunOptions& o) {
   }
   ML_ASSIGN_OR_RETURN(runtime::BootAssets assets, runtime::resolveBootAssets(o.accel));
 
-  std::map<std::string, std::string> env;
-  for (const std::string& kv : prepared.config.env) {
-    size_t eq = kv.find('=');
-    env[kv.substr(0, eq)] = eq == std::string::npos ? "" : kv.substr(eq + 1);
-  }
+  std::map<std::string, std::string> env = runtime::imageEnv(prepared.config);
   for (const std::string& kv : o.env) {
     size_t eq = kv.find('=');
     if (eq == std::string::npos) {
@@ -244,14 +240,12 @@ Result<int> execCommand(const ExecOptions& o) {
     return makeError(Errc::Conflict, fmt::format("sandbox {} is not running (status: {})", o.id,
                                                  state::sandboxStatusName(status)));
   }
-  auto spec = nlohmann::json::parse(rec.spec_json, nullptr, false);
+  runtime::ExecDefaults defaults = runtime::execDefaults(rec);
   runtime::ExecClientOptions eo;
   eo.request.argv = o.command.empty() ? std::vector<std::string>{"/bin/sh"} : o.command;
-  if (spec.is_object()) {
-    eo.request.env = spec.value("env", std::map<std::string, std::string>{});
-    eo.request.cwd = spec.value("workdir", "");
-    eo.request.user = spec.value("user", "");
-  }
+  eo.request.env = std::move(defaults.env);
+  eo.request.cwd = std::move(defaults.cwd);
+  eo.request.user = std::move(defaults.user);
   if (!o.workdir.empty()) {
     eo.request.cwd = o.workdir;
   }

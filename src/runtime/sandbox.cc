@@ -11,10 +11,13 @@
 #include <filesystem>
 #include <thread>
 
+#include <nlohmann/json.hpp>
+
 #include "common/fd.h"
 #include "common/log.h"
 #include "common/paths.h"
 #include "common/strings.h"
+#include "image/store.h"
 #include "ml_kernel_key.h"
 #include "runtime/exec_client.h"
 #include "spec/normalize.h"
@@ -110,6 +113,15 @@ Result<BootAssets> resolveBootAssets(const std::string& accel_name) {
   return assets;
 }
 
+std::map<std::string, std::string> imageEnv(const image::ImageConfig& config) {
+  std::map<std::string, std::string> env;
+  for (const std::string& kv : config.env) {
+    size_t eq = kv.find('=');
+    env[kv.substr(0, eq)] = eq == std::string::npos ? "" : kv.substr(eq + 1);
+  }
+  return env;
+}
+
 std::optional<supervisor::MainProcess> mainProcessOf(const spec::SandboxSpec& spec,
                                                      const image::ImageConfig& image) {
   if (!spec.command && !spec.entrypoint) {
@@ -127,10 +139,7 @@ std::optional<supervisor::MainProcess> mainProcessOf(const spec::SandboxSpec& sp
   if (m.argv.empty()) {
     return std::nullopt;
   }
-  for (const std::string& kv : image.env) {
-    size_t eq = kv.find('=');
-    m.env[kv.substr(0, eq)] = eq == std::string::npos ? "" : kv.substr(eq + 1);
-  }
+  m.env = imageEnv(image);
   for (const auto& [k, v] : spec.env) {
     m.env[k] = v;
   }
@@ -138,6 +147,35 @@ std::optional<supervisor::MainProcess> mainProcessOf(const spec::SandboxSpec& sp
   m.user = spec.user.value_or(image.user);
   m.restart = std::string(spec::toString(spec.restart));
   return m;
+}
+
+ExecDefaults execDefaults(const state::SandboxRecord& record) {
+  ExecDefaults d;
+  auto spec = nlohmann::json::parse(record.spec_json, nullptr, false);
+  if (!spec.is_object()) {
+    return d;
+  }
+  if (auto root = image::Store::defaultRoot(); root) {
+    if (auto store = image::Store::open(*root); store) {
+      auto rec = store->resolveImage(spec.value("image", ""));
+      if (auto config = rec ? image::loadImageConfig(*store, *rec) : makeError(rec.error());
+          config) {
+        d.env = imageEnv(*config);
+        d.cwd = config->working_dir;
+        d.user = config->user;
+      }
+    }
+  }
+  for (const auto& [k, v] : spec.value("env", std::map<std::string, std::string>{})) {
+    d.env[k] = v;
+  }
+  if (std::string cwd = spec.value("workdir", ""); !cwd.empty()) {
+    d.cwd = cwd;
+  }
+  if (std::string user = spec.value("user", ""); !user.empty()) {
+    d.user = user;
+  }
+  return d;
 }
 
 void faultPoint(std::string_view point) {

@@ -41,12 +41,25 @@ struct BootAssets {
 };
 [[nodiscard]] Result<BootAssets> resolveBootAssets(const std::string& accel_name);
 
+/// An image config's `KEY=VALUE` env list as a map (later entries win).
+std::map<std::string, std::string> imageEnv(const image::ImageConfig& config);
+
 /// The main process a spec declares (entrypoint/command), or nullopt for a sandbox that idles
 /// until exec'd into. Docker's rules: ENTRYPOINT + CMD, a spec `entrypoint` drops the image's CMD;
 /// env is the image's then the spec's; cwd and user fall back to the image's. The image's own CMD
 /// alone is not run: sandboxes are long-lived and `command` is the explicit request for one.
 std::optional<supervisor::MainProcess> mainProcessOf(const spec::SandboxSpec& spec,
                                                      const image::ImageConfig& image);
+
+/// What an exec into a recorded sandbox runs with unless the caller overrides it: the image's env
+/// overlaid with the spec's, the spec's workdir and user or else the image's (docker exec's rules).
+/// The image config comes from the local store; without it, the spec's values alone.
+struct ExecDefaults {
+  std::map<std::string, std::string> env;
+  std::string cwd;
+  std::string user;
+};
+ExecDefaults execDefaults(const state::SandboxRecord& record);
 
 // ---- Lifecycle --------------------------------------------------------------------------------
 
