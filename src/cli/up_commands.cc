@@ -399,6 +399,15 @@ Result<std::vector<spec::Project>> loadForUp(const UpOptions& o) {
   lo.paths = specPaths(o.files);
   lo.project = o.project;
   ML_ASSIGN_OR_RETURN(auto projects, spec::loadProjects(lo));
+  for (const auto& p : projects) {
+    if (p.name == runtime::kAdhocProject) {
+      // Its orphans would be every `matchlock run` sandbox.
+      return makeError(Errc::InvalidSpec,
+                       fmt::format("project name '{}' is reserved for `matchlock run` sandboxes; "
+                                   "name the project (name = \"...\" or -p)",
+                                   runtime::kAdhocProject));
+    }
+  }
   for (const std::string& name : o.only) {
     bool known = std::ranges::any_of(
         projects, [&](const spec::Project& p) { return p.sandboxes.contains(name); });

@@ -40,8 +40,6 @@ namespace {
 
 namespace fs = std::filesystem;
 
-constexpr const char* kAdhocProject = "default";
-
 struct RunOptions {
   std::string image;
   std::vector<std::string> command;
@@ -156,7 +154,7 @@ Result<int> runCommand(const RunOptions& o) {
   std::string run_dir = runDirOf(root, id);
   ML_ASSIGN_OR_RETURN(auto store, state::Store::openDefault());
   runtime::LaunchOptions lo;
-  lo.project = kAdhocProject;
+  lo.project = runtime::kAdhocProject;
   lo.boot_timeout = std::chrono::seconds(o.boot_timeout);
   lo.image_digest = prepared.record.manifest_digest;
   lo.id = id;

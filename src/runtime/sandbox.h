@@ -15,6 +15,9 @@
 
 namespace matchlock::runtime {
 
+/// The project `matchlock run` puts its ad-hoc sandboxes in (reserved for declared projects).
+inline constexpr const char* kAdhocProject = "default";
+
 // ---- Where things live (docs/vm-runtime.md) ---------------------------------------------------
 
 /// `$MATCHLOCK_HOME/run` (0700): one directory per sandbox id, holding its sockets, logs, vm.json

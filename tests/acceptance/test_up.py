@@ -229,6 +229,13 @@ def test_a_second_up_waits_for_the_project_lock_or_fails_clearly(vm):
     assert "waiting for another matchlock command on project demo" in err
 
 
+def test_the_run_project_name_is_reserved(vm):
+    write_spec(vm)
+    r = vm.run("up", "-f", vm.specs, "-p", "default", "--remove-orphans")
+    assert r.returncode == 65, r.stderr
+    assert "project name 'default' is reserved for `matchlock run` sandboxes" in r.stderr
+
+
 def test_bad_spec_aborts_before_any_change(vm):
     write_spec(vm)
     vm.run("up", "-f", vm.specs, check=True, timeout=300)
