@@ -7,9 +7,10 @@
 //   matchlock-guest version|selftest
 // Kernel parameters: matchlock.root=serial:NAME or /dev/vdX (image disk),
 // matchlock.rootfs=ext4|erofs, matchlock.upper=serial:NAME or /dev/vdX (writable disk),
-// matchlock.hostname, matchlock.dns=ip[,ip], matchlock.workdir=/abs/path (created if missing, as
-// an image's WORKDIR is), matchlock.probe=1 (power off right after init starts:
-// boot benchmark). Networking joins later.
+// matchlock.hostname, matchlock.time=<unix seconds> (the host's clock at boot),
+// matchlock.dns=ip[,ip], matchlock.workdir=/abs/path (created if missing, as an image's WORKDIR
+// is), matchlock.probe=1 (power off right after init starts: boot benchmark). Networking joins
+// later.
 #include <dirent.h>
 #include <fcntl.h>
 #include <fmt/format.h>
@@ -21,6 +22,7 @@
 #include <cerrno>
 #include <cstdlib>
 #include <cstring>
+#include <ctime>
 #include <filesystem>
 #include <fstream>
 #include <string>
@@ -260,6 +262,15 @@ std::string setupCgroup(const std::string& cpus) {
   mountOne("tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777");
   mountOne("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777");
   mountOne("tmpfs", "/run", "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755");
+  // No RTC on microvm: the host passes its wall clock, without which TLS validation, make and
+  // every timestamp in the guest would live in 1970.
+  if (std::string now = kernelParam("matchlock.time"); !now.empty()) {
+    timespec ts{};
+    ts.tv_sec = static_cast<time_t>(std::strtoll(now.c_str(), nullptr, 10));
+    if (ts.tv_sec > 0 && ::clock_settime(CLOCK_REALTIME, &ts) != 0) {
+      logLine("clock: {}", std::strerror(errno));
+    }
+  }
   std::string hostname = kernelParam("matchlock.hostname");
   if (!hostname.empty()) {
     (void)::sethostname(hostname.data(), hostname.size());

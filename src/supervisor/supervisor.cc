@@ -342,6 +342,11 @@ Status Supervisor::start() {
   opts.stderr_path = opts.stdout_path;
   (void)::unlink(config_.vm.channel_socket.c_str());
   ML_ASSIGN_OR_RETURN(vm::BackendPtr backend, vm::makeBackend(config_.backend));
+  // The guest has no clock source of its own (microvm without RTC): hand it ours at each boot.
+  config_.vm.kernel_params.push_back(
+      fmt::format("matchlock.time={}", std::chrono::duration_cast<std::chrono::seconds>(
+                                           std::chrono::system_clock::now().time_since_epoch())
+                                           .count()));
   ML_ASSIGN_OR_RETURN(qemu_, backend->start(config_.vm, opts));
   ML_LOG(supervisor, info, "sandbox {}: {} pid {}", config_.sandbox_id, backend->name(),
          qemu_.pid());

@@ -194,3 +194,10 @@ def test_bad_inputs_fail_before_any_state_exists(vm):
     r = vm.run("run", "-d", "-it", "--image", "busybox:latest")
     assert r.returncode == 65 and "--detach cannot be combined" in r.stderr
     assert vm.sandboxes() == [] and vm.run_dirs() == []
+
+
+def test_guest_clock_follows_the_host(vm):
+    # microvm has no RTC: without the host's time the guest would live in 1970.
+    r = vm.run("run", "--image", "busybox:latest", "--", "sh", "-c", "date +%s")
+    assert r.returncode == 0, r.stderr
+    assert abs(int(r.stdout) - time.time()) < 120
