@@ -146,11 +146,16 @@ Result<std::optional<state::Store>> openStore(bool create) {
 /// The desired state of each sandbox: its spec, the local image digest and the keyed hash of its
 /// secret values. Secret values are read here only to hash them; they go nowhere else.
 std::map<std::string, reconcile::Desired> desiredOf(const spec::Project& project, bool dry_run) {
+  std::set<std::string> images;
+  for (const auto& [name, sb] : project.sandboxes) {
+    images.insert(sb.image);
+  }
+  auto digests = runtime::localImageDigests(images);
   std::map<std::string, reconcile::Desired> out;
   for (const auto& [name, sb] : project.sandboxes) {
     reconcile::Desired d;
     d.spec = sb;
-    d.image_digest = runtime::localImageDigest(sb.image);
+    d.image_digest = digests[sb.image];
     bool has_command = std::ranges::any_of(
         sb.secrets, [](const auto& s) { return s.kind == spec::SecretRef::Kind::Command; });
     if (!(dry_run && has_command)) {  // a dry run runs nothing, secret commands included
@@ -633,9 +638,12 @@ Status downCommand(const DownOptions& o) {
     }
     if (o.volumes) {
       // Data of sandboxes no longer recorded (e.g. removed earlier without -v) goes too.
-      ML_ASSIGN_OR_RETURN(std::string data, runtime::dataDirOf(project, "x"));
+      ML_ASSIGN_OR_RETURN(std::string data, runtime::projectDataDir(project));
       std::error_code ec;
-      fs::remove_all(fs::path(data).parent_path(), ec);
+      fs::remove_all(data, ec);
+      if (ec) {
+        return makeError(Errc::System, fmt::format("removing {}", data), ec.value());
+      }
     }
     (void)store.deleteProjectIfEmpty(project);
     ML_RETURN_IF_ERROR(first);

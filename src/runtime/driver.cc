@@ -66,17 +66,19 @@ Result<std::map<std::string, reconcile::Observed>> observeProject(
   return out;
 }
 
-std::string localImageDigest(const std::string& image) {
+std::map<std::string, std::string> localImageDigests(const std::set<std::string>& images) {
+  std::map<std::string, std::string> out;
   auto root = image::Store::defaultRoot();
-  if (!root) {
-    return "";
-  }
-  auto store = image::Store::open(*root);
+  auto store = root ? image::Store::open(*root) : makeError(root.error());
   if (!store) {
-    return "";
+    return out;
   }
-  auto record = store->resolveImage(image);
-  return record ? record->manifest_digest : "";
+  for (const std::string& image : images) {
+    if (auto record = store->resolveImage(image); record) {
+      out[image] = record->manifest_digest;
+    }
+  }
+  return out;
 }
 
 Result<BootAssets> SandboxDriver::assets() {

@@ -5,6 +5,7 @@
 #include <map>
 #include <mutex>
 #include <optional>
+#include <set>
 #include <string>
 
 #include "reconcile/apply.h"
@@ -19,9 +20,9 @@ namespace matchlock::runtime {
     state::Store& store, const std::string& project,
     std::vector<state::SandboxRecord>* records = nullptr);
 
-/// The manifest digest `image` resolves to in the local image store, without pulling; empty when
-/// it is not there (a pull would fetch it).
-std::string localImageDigest(const std::string& image);
+/// The manifest digest each image reference resolves to in the local image store, without
+/// pulling (one store open for all); absent when it is not there (a pull would fetch it).
+std::map<std::string, std::string> localImageDigests(const std::set<std::string>& images);
 
 struct DriverOptions {
   std::string project;

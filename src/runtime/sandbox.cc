@@ -53,9 +53,14 @@ std::string runDirOf(const std::string& run_root, const std::string& id) {
   return run_root + "/" + id;
 }
 
-Result<std::string> dataDirOf(const std::string& project, const std::string& name) {
+Result<std::string> projectDataDir(const std::string& project) {
   ML_ASSIGN_OR_RETURN(std::string home, matchlockHome());
-  return fmt::format("{}/data/{}/{}", home, project, name);
+  return fmt::format("{}/data/{}", home, project);
+}
+
+Result<std::string> dataDirOf(const std::string& project, const std::string& name) {
+  ML_ASSIGN_OR_RETURN(std::string dir, projectDataDir(project));
+  return dir + "/" + name;
 }
 
 std::string newSandboxId() {
@@ -202,32 +207,30 @@ Result<std::string> launch(state::Store& store, const spec::SandboxSpec& spec,
 
   // 1. The record first, status "creating": from here on a crash leaves a row that observation
   //    reports as an interrupted launch, so the next `up` or `prune` cleans up.
+  state::SandboxSpecUpdate applied;
+  if (!source.empty()) {
+    applied.source_file = source;
+  }
+  applied.spec_json = spec::toJson(spec).dump();
+  applied.spec_hash = spec::specHash(spec);
+  applied.group_hashes = spec::groupHashes(spec);
+  applied.secrets_hash = options.secrets_hash;
+  applied.image_digest = options.image_digest;
   if (existing_id) {
-    state::SandboxSpecUpdate update;
-    if (!source.empty()) {
-      update.source_file = source;
-    }
-    update.spec_json = spec::toJson(spec).dump();
-    update.spec_hash = spec::specHash(spec);
-    update.group_hashes = spec::groupHashes(spec);
-    update.secrets_hash = options.secrets_hash;
-    update.image_digest = options.image_digest;
     ML_RETURN_IF_ERROR(store.setSupervisor(id, std::nullopt));
     ML_RETURN_IF_ERROR(store.updateSandboxStatus(id, state::SandboxStatus::Creating, std::nullopt));
-    ML_RETURN_IF_ERROR(store.updateSandboxSpec(id, update));
+    ML_RETURN_IF_ERROR(store.updateSandboxSpec(id, applied));
   } else {
     state::SandboxRecord rec;
     rec.id = id;
     rec.project = options.project;
     rec.name = spec.name.empty() ? id : spec.name;
-    if (!source.empty()) {
-      rec.source_file = source;
-    }
-    rec.spec_json = spec::toJson(spec).dump();
-    rec.spec_hash = spec::specHash(spec);
-    rec.group_hashes = spec::groupHashes(spec);
-    rec.secrets_hash = options.secrets_hash;
-    rec.image_digest = options.image_digest;
+    rec.source_file = applied.source_file;
+    rec.spec_json = std::move(applied.spec_json);
+    rec.spec_hash = std::move(applied.spec_hash);
+    rec.group_hashes = std::move(applied.group_hashes);
+    rec.secrets_hash = applied.secrets_hash;
+    rec.image_digest = applied.image_digest;
     rec.status = state::SandboxStatus::Creating;
     ML_RETURN_IF_ERROR(store.createSandbox(rec));
   }

@@ -24,6 +24,8 @@ inline constexpr const char* kAdhocProject = "default";
 /// and, for ad-hoc sandboxes, the upper disk.
 [[nodiscard]] Result<std::string> runRoot();
 std::string runDirOf(const std::string& run_root, const std::string& id);
+/// `$MATCHLOCK_HOME/data/<project>`: every declared sandbox's data dir of the project.
+[[nodiscard]] Result<std::string> projectDataDir(const std::string& project);
 /// `$MATCHLOCK_HOME/data/<project>/<name>`: a declared sandbox's overlay data (its upper disk),
 /// kept across recreate and `down`, deleted by `down -v`.
 [[nodiscard]] Result<std::string> dataDirOf(const std::string& project, const std::string& name);

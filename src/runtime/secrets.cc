@@ -1,7 +1,6 @@
 // SPDX-License-Identifier: Apache-2.0
 #include "runtime/secrets.h"
 
-#include <fcntl.h>
 #include <fmt/format.h>
 #include <poll.h>
 #include <sys/random.h>
@@ -121,11 +120,15 @@ Result<std::optional<std::string>> secretsHash(const std::map<std::string, std::
       return makeError(Errc::System, "getrandom", errno);
     }
     ML_RETURN_IF_ERROR(makeDirs(home, 0700));
-    // O_EXCL: of two racing creators, one key wins and both read it back.
-    if (auto fd = openFile(path, O_WRONLY | O_CREAT | O_EXCL, 0600); fd) {
-      if (::write(fd->get(), fresh.data(), fresh.size()) != static_cast<ssize_t>(fresh.size())) {
-        return makeError(Errc::System, fmt::format("writing {}", path), errno);
-      }
+    // Written in full under a private name, then link()ed into place: link never replaces, so of
+    // two racing creators exactly one key wins, and nobody ever reads a half-written one.
+    const std::string tmp = fmt::format("{}.{}.tmp", path, ::getpid());
+    ML_RETURN_IF_ERROR(writeFileAtomic(tmp, fresh, 0600));
+    int linked = ::link(tmp.c_str(), path.c_str());
+    int link_errno = errno;
+    (void)::unlink(tmp.c_str());
+    if (linked != 0 && link_errno != EEXIST) {
+      return makeError(Errc::System, fmt::format("creating {}", path), link_errno);
     }
     key = readFile(path);
   }

@@ -515,8 +515,16 @@ void Supervisor::startMainProcess() {
   auto child = sys::ChildProcess::spawn(
       {self, "--log-level", "warn", "__main", "--config", config_.run_dir + "/vm.json"}, opts);
   if (!child) {
-    ML_LOG(supervisor, warn, "sandbox {}: starting the main process: {}", config_.sandbox_id,
-           child.error().toString());
+    // The sandbox stays up for exec, but the failure is on record, not only in our log.
+    std::string why = child.error().toString();
+    ML_LOG(supervisor, warn, "sandbox {}: starting the main process: {}", config_.sandbox_id, why);
+    if (store_) {
+      state::Event e;
+      e.sandbox_id = config_.sandbox_id;
+      e.kind = "main.failed";
+      e.message = "the main process could not be started: " + why;
+      (void)store_->appendEvent(e);
+    }
     return;
   }
   main_ = std::move(*child);

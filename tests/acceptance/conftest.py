@@ -43,6 +43,20 @@ def matchlock(tmp_path):
     return Matchlock(binary, home)
 
 
+# ---- VM fixtures: the guest kernel and the busybox image every VM test boots ------------------
+
+@pytest.fixture(scope="session")
+def kernel():
+    from framework.kernel import guest_kernel
+    return guest_kernel()
+
+
+@pytest.fixture(scope="session")
+def busybox_tar():
+    from framework.vm import busybox_save_tar
+    return busybox_save_tar()
+
+
 # ---- image fixtures (docs/images.md): offline test images and local registries -----------------
 
 sys.path.insert(0, str(ROOT / "tests" / "fixtures"))

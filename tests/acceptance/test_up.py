@@ -13,8 +13,7 @@ import time
 
 import pytest
 
-from framework.kernel import guest_kernel
-from framework.vm import VmEnv, busybox_save_tar, qemu_pids, supervisor_pids
+from framework.vm import VmEnv, qemu_pids, supervisor_pids
 
 pytestmark = pytest.mark.need_qemu
 
@@ -31,16 +30,6 @@ memory = "256MiB"
 depends_on = ["db"]
 env = {{ ROLE = "web" }}
 """
-
-
-@pytest.fixture(scope="module")
-def kernel():
-    return guest_kernel()
-
-
-@pytest.fixture(scope="module")
-def busybox_tar():
-    return busybox_save_tar()
 
 
 @pytest.fixture
@@ -102,7 +91,7 @@ def test_up_exec_noop_edit_repair_down(vm):
     assert before["web"]["spec"] == str(vm.specs / "sandbox.toml")
 
     # exec by sandbox name, with the spec's env.
-    r = vm.run("exec", "web", "--", "sh", "-c", 'echo "$ROLE on $(hostname)"; echo kept > /root/f; sync')
+    r = vm.run("exec", "web", "--", "sh", "-c", 'echo "$ROLE on $(hostname)"; echo kept > /etc/kept-by-test; sync')
     assert r.returncode == 0, r.stderr
     assert r.stdout == "web on web\n"
 
@@ -143,7 +132,7 @@ def test_up_exec_noop_edit_repair_down(vm):
     assert actions(out)["web"]["action"] == "recreate"
     assert any("VM process" in reason for reason in actions(out)["web"]["reasons"])
     assert ps(vm)["web"]["status"] == "running"
-    assert vm.run("exec", "web", "--", "cat", "/root/f", check=True).stdout == "kept\n"
+    assert vm.run("exec", "web", "--", "cat", "/etc/kept-by-test", check=True).stdout == "kept\n"
 
     # down removes everything but the overlay data; -v removes that too.
     r = vm.run("down", "-f", vm.specs, check=True)
@@ -151,7 +140,7 @@ def test_up_exec_noop_edit_repair_down(vm):
     assert_nothing_left(vm)
     assert (vm.home / "data" / "demo" / "web" / "upper.ext4").exists()
     vm.run("up", "-f", vm.specs, "--wait", check=True, timeout=300)
-    assert vm.run("exec", "web", "--", "cat", "/root/f", check=True).stdout == "kept\n"
+    assert vm.run("exec", "web", "--", "cat", "/etc/kept-by-test", check=True).stdout == "kept\n"
     vm.run("down", "-f", vm.specs, "-v", check=True)
     assert_nothing_left(vm)
     assert not (vm.home / "data" / "demo").exists()

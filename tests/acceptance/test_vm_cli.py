@@ -12,20 +12,9 @@ import time
 
 import pytest
 
-from framework.kernel import guest_kernel
-from framework.vm import VmEnv, busybox_save_tar, qemu_pids
+from framework.vm import VmEnv, qemu_pids
 
 pytestmark = pytest.mark.need_qemu
-
-
-@pytest.fixture(scope="module")
-def kernel():
-    return guest_kernel()
-
-
-@pytest.fixture(scope="module")
-def busybox_tar():
-    return busybox_save_tar()
 
 
 @pytest.fixture
