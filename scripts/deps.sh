@@ -7,7 +7,7 @@ ML_DEPS=(
   # libraries (see docs/architecture.md for who uses what)
   libtomlplusplus-dev libyaml-cpp-dev libcli11-dev nlohmann-json3-dev libexpected-dev
   libspdlog-dev libfmt-dev libsqlite3-dev libssl-dev libvalijson-dev catch2
-  libcurl4-openssl-dev libarchive-dev libext2fs-dev
+  libcurl4-openssl-dev libarchive-dev libext2fs-dev libnftnl-dev libmnl-dev
   # tools used at run time and by tests
   sqlite3 python3 python3-pytest python3-jsonschema python3-yaml
   # images: rootfs disks (mke2fs, debugfs, e2fsck), test images and local registries

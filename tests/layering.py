@@ -23,7 +23,7 @@ ALLOWED = {
     "vfs": {"common", "sys", "ev", "guestproto"},
     "reconcile": {"common", "ev", "spec", "state", "vm", "net", "vfs", "image"},
     "supervisor": {"common", "sys", "ev", "guestproto", "spec", "state", "vm", "image", "net", "vfs"},
-    "runtime": {"common", "sys", "ev", "guestproto", "spec", "state", "image", "vm", "supervisor",
+    "runtime": {"common", "sys", "ev", "guestproto", "spec", "state", "image", "vm", "net", "supervisor",
                 "reconcile"},
     "rpc": {"common", "ev", "spec"},
     "cli": {"common", "spec", "state", "rpc", "reconcile", "image", "vm", "net", "vfs", "sys", "ev",

@@ -76,7 +76,8 @@ void Agent::newMux() {
   cb.on_open = [this](uint32_t stream, uint32_t port) {
     if (port == guestproto::kPortExec) {
       sessions_[stream] = std::make_unique<ExecSession>(
-          loop_, *mux_, stream, [this] { scheduleFlush(); }, options_.cgroup_procs);
+          loop_, *mux_, stream, [this] { scheduleFlush(); }, options_.cgroup_procs,
+          &options_.base_env);
     } else if (port == guestproto::kPortReady) {
       control_[stream] = "";
     } else {

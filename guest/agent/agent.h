@@ -26,6 +26,8 @@ class Agent {
     std::string version = "0.1.0";
     /// cgroup.procs file every exec'd process joins ("" = none).
     std::string cgroup_procs;
+    /// Environment every exec starts from (under the request's own env).
+    std::map<std::string, std::string> base_env;
   };
 
   /// Takes ownership of `channel` (made non-blocking). Blocks SIGCHLD for its signalfd.

@@ -62,12 +62,14 @@ void writeAll(int fd, const void* data, size_t len) {
 }  // namespace
 
 ExecSession::ExecSession(ev::Loop& loop, guestproto::Mux& mux, uint32_t stream,
-                         std::function<void()> activity, std::string cgroup_procs)
+                         std::function<void()> activity, std::string cgroup_procs,
+                         const std::map<std::string, std::string>* base_env)
     : loop_(loop),
       mux_(mux),
       stream_(stream),
       activity_(std::move(activity)),
-      cgroup_procs_(std::move(cgroup_procs)) {}
+      cgroup_procs_(std::move(cgroup_procs)),
+      base_env_(base_env) {}
 
 ExecSession::~ExecSession() {
   // Watches before fds (Watch does not own the fd).
@@ -154,6 +156,13 @@ void ExecSession::start(std::string_view payload) {
   std::map<std::string, std::string> env = {{"PATH", kDefaultPath}, {"HOME", user->home}};
   if (tty_) {
     env["TERM"] = "xterm";
+  }
+  // The sandbox's own environment (CA bundle variables, secret placeholders) under the
+  // request's: an explicit -e still wins.
+  if (base_env_ != nullptr) {
+    for (const auto& [k, v] : *base_env_) {
+      env[k] = v;
+    }
   }
   for (const auto& [k, v] : req->env) {
     env[k] = v;

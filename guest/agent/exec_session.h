@@ -5,6 +5,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <map>
 #include <optional>
 #include <string>
 #include <string_view>
@@ -25,7 +26,8 @@ class ExecSession {
   /// `activity` runs whenever the session queued something on the mux or finished, so the owner
   /// can flush the channel (the session's own fd callbacks run outside the owner's code paths).
   ExecSession(ev::Loop& loop, guestproto::Mux& mux, uint32_t stream, std::function<void()> activity,
-              std::string cgroup_procs = "");
+              std::string cgroup_procs = "",
+              const std::map<std::string, std::string>* base_env = nullptr);
   ExecSession(const ExecSession&) = delete;
   ExecSession& operator=(const ExecSession&) = delete;
   ExecSession(ExecSession&&) = delete;
@@ -61,6 +63,7 @@ class ExecSession {
   uint32_t stream_;
   std::function<void()> activity_;
   std::string cgroup_procs_;
+  const std::map<std::string, std::string>* base_env_ = nullptr;  ///< owned by the Agent
   guestproto::ExecMessageReader reader_;
   bool started_ = false;
   bool tty_ = false;

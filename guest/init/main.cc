@@ -9,8 +9,10 @@
 // matchlock.rootfs=ext4|erofs, matchlock.upper=serial:NAME or /dev/vdX (writable disk),
 // matchlock.hostname, matchlock.time=<unix seconds> (the host's clock at boot),
 // matchlock.dns=ip[,ip], matchlock.workdir=/abs/path (created if missing, as an image's WORKDIR
-// is), matchlock.probe=1 (power off right after init starts: boot benchmark). Networking joins
-// later.
+// is), matchlock.probe=1 (power off right after init starts: boot benchmark),
+// matchlock.ip=ADDR/PREFIX matchlock.gw=ADDR matchlock.mtu=N (the NIC; absent = no network),
+// matchlock.config=serial:NAME (the boot config disk: one JSON document with the environment
+// of every process, the sandbox CA and /etc/hosts additions; see docs/egress.md).
 #include <dirent.h>
 #include <fcntl.h>
 #include <fmt/format.h>
@@ -25,7 +27,10 @@
 #include <ctime>
 #include <filesystem>
 #include <fstream>
+#include <map>
 #include <string>
+
+#include <nlohmann/json.hpp>
 
 #include "common/fd.h"
 #include "common/strings.h"
@@ -89,7 +94,8 @@ std::string findVirtioPort(const std::string& name) {
   return findDevice("/sys/class/virtio-ports", "name", name);
 }
 
-int serve(Fd channel, bool reconnectable, const std::string& cgroup_procs = "") {
+int serve(Fd channel, bool reconnectable, const std::string& cgroup_procs = "",
+          std::map<std::string, std::string> base_env = {}) {
   auto loop = ev::Loop::create();
   if (!loop) {
     logLine("event loop: {}", loop.error().toString());
@@ -98,6 +104,7 @@ int serve(Fd channel, bool reconnectable, const std::string& cgroup_procs = "") 
   Agent::Options opts;
   opts.reconnectable = reconnectable;
   opts.cgroup_procs = cgroup_procs;
+  opts.base_env = std::move(base_env);
   opts.version = kVersion;
   auto agent = Agent::create(**loop, std::move(channel), opts);
   if (!agent) {
@@ -222,6 +229,64 @@ void writeEtc(const std::string& hostname, const std::string& dns) {
   }
 }
 
+/// A whole file (or device) read with plain read(2); "" when it cannot be opened.
+std::string readAll(const std::string& path) {
+  Fd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+  std::string out;
+  if (!fd) {
+    return out;
+  }
+  char buf[4096];
+  for (;;) {
+    ssize_t n = ::read(fd.get(), buf, sizeof(buf));
+    if (n < 0 && errno == EINTR) {
+      continue;
+    }
+    if (n <= 0) {
+      return out;
+    }
+    out.append(buf, static_cast<size_t>(n));
+  }
+}
+
+/// The boot config disk's JSON (a raw device, padded with spaces), or a null json when there is
+/// none. A config disk that is named but unreadable is a boot failure: the sandbox would start
+/// without its CA or environment.
+bool readBootConfig(const std::string& spec, nlohmann::json* out) {
+  if (spec.empty()) {
+    return true;
+  }
+  std::string dev = waitForDisk(spec);
+  if (dev.empty()) {
+    logLine("boot config: disk {} did not appear", spec);
+    return false;
+  }
+  *out = nlohmann::json::parse(readAll(dev), nullptr, false);
+  if (!out->is_object()) {
+    logLine("boot config: {} does not hold a JSON object", dev);
+    return false;
+  }
+  return true;
+}
+
+/// The sandbox CA: its own file, and appended (once, replacing an earlier boot's) to the
+/// system bundle so that every TLS client trusts the proxy without flags.
+void installCa(const std::string& pem) {
+  constexpr std::string_view kMarker = "# matchlock sandbox CA (replaced at every boot)\n";
+  std::error_code ec;
+  std::filesystem::create_directories("/etc/ssl/certs", ec);
+  writeFile("/etc/ssl/certs/matchlock-ca.crt", pem);
+  std::string bundle = readAll("/etc/ssl/certs/ca-certificates.crt");
+  if (size_t at = bundle.find(kMarker); at != std::string::npos) {
+    bundle.resize(at);
+  }
+  if (!bundle.empty() && bundle.back() != '\n') {
+    bundle += '\n';
+  }
+  bundle += std::string(kMarker) + pem;
+  writeFile("/etc/ssl/certs/ca-certificates.crt", bundle);
+}
+
 /// Sandbox processes run in one cgroup (v2); a fractional CPU request becomes its cpu.max quota
 /// (vCPUs are the ceiling of the request). Returns the cgroup.procs path, or "" on failure.
 std::string setupCgroup(const std::string& cpus) {
@@ -276,6 +341,31 @@ std::string setupCgroup(const std::string& cpus) {
     (void)::sethostname(hostname.data(), hostname.size());
   }
   writeEtc(hostname, kernelParam("matchlock.dns"));
+  nlohmann::json boot;
+  if (!readBootConfig(kernelParam("matchlock.config"), &boot)) {
+    logLine("cannot read the boot config; powering off");
+    powerOff();
+  }
+  std::map<std::string, std::string> base_env;
+  if (boot.is_object()) {
+    if (auto ca = boot.find("ca_pem"); ca != boot.end() && ca->is_string() && !ca->empty()) {
+      installCa(ca->get<std::string>());
+    }
+    if (auto env = boot.find("env"); env != boot.end() && env->is_object()) {
+      for (const auto& [k, v] : env->items()) {
+        if (v.is_string()) {
+          base_env[k] = v.get<std::string>();
+        }
+      }
+    }
+    if (auto hosts = boot.find("hosts"); hosts != boot.end() && hosts->is_array()) {
+      std::string etc_hosts = readAll("/etc/hosts");
+      for (const auto& h : *hosts) {
+        etc_hosts += fmt::format("{}\t{}\n", h.value("ip", ""), h.value("host", ""));
+      }
+      writeFile("/etc/hosts", etc_hosts);
+    }
+  }
   if (std::string workdir = kernelParam("matchlock.workdir"); workdir.starts_with("/")) {
     std::error_code ec;
     std::filesystem::create_directories(workdir, ec);
@@ -316,7 +406,7 @@ std::string setupCgroup(const std::string& cpus) {
     logLine("open {}: {}", port, std::strerror(errno));
     powerOff();
   }
-  int rc = serve(std::move(channel), true, cgroup_procs);
+  int rc = serve(std::move(channel), true, cgroup_procs, std::move(base_env));
   logLine("agent finished ({}); powering off", rc);
   powerOff();
 }

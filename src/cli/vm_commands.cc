@@ -421,8 +421,9 @@ Result<supervisor::Config> readSupervisorConfig(const std::string& config_path) 
   return supervisor::configFromJson(json);
 }
 
-Status superviseCommand(const std::string& config_path) {
+Status superviseCommand(const std::string& config_path, int secrets_fd) {
   ML_ASSIGN_OR_RETURN(auto config, readSupervisorConfig(config_path));
+  config.secrets_fd = secrets_fd;
   return supervisor::run(config);
 }
 
@@ -525,7 +526,11 @@ void addVmCommands(CLI::App& app, CommandContext& ctx) {
   auto* s = app.add_subcommand("__supervise", "");  // internal: the per-sandbox supervisor
   s->group("");                                     // hidden from --help
   s->add_option("--config", *sup_config, "vm.json")->required();
-  s->callback([sup_config, &ctx] { ctx.finish(superviseCommand(*sup_config)); });
+  auto sup_secrets_fd = std::make_shared<int>(-1);
+  s->add_option("--secrets-fd", *sup_secrets_fd, "inherited pipe with the secret values");
+  s->callback([sup_config, sup_secrets_fd, &ctx] {
+    ctx.finish(superviseCommand(*sup_config, *sup_secrets_fd));
+  });
 }
 
 }  // namespace matchlock::cli

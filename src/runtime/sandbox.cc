@@ -19,9 +19,12 @@
 #include "common/strings.h"
 #include "image/store.h"
 #include "ml_kernel_key.h"
+#include "net/sandbox_network.h"
 #include "runtime/exec_client.h"
+#include "runtime/secrets.h"
 #include "spec/normalize.h"
 #include "supervisor/supervisor.h"
+#include "sys/netns.h"
 #include "sys/process.h"
 #include "sys/process_ref.h"
 #include "vm/initramfs.h"
@@ -257,6 +260,25 @@ Result<std::string> launch(state::Store& store, const spec::SandboxSpec& spec,
       return fail(std::move(intent).error());
     }
   }
+  // The network's kernel objects: a subnet first (unique in the DB), then the namespace, TAP
+  // and table names, all recorded before the supervisor creates anything.
+  std::optional<state::SubnetAllocation> subnet;
+  const net::NetworkNames names = net::networkNames(id);
+  if (!spec.network.no_network) {
+    auto alloc = store.allocateSubnet(id);
+    if (!alloc) {
+      return fail(std::move(alloc).error());
+    }
+    subnet = *alloc;
+    faultPoint("launch:subnet");
+    for (auto [kind, name] : {std::pair{state::ResourceKind::Netns, names.netns},
+                              std::pair{state::ResourceKind::Tap, names.tap},
+                              std::pair{state::ResourceKind::NftTable, names.table}}) {
+      if (auto intent = store.recordResourceIntent(id, kind, name, "{}"); !intent) {
+        return fail(std::move(intent).error());
+      }
+    }
+  }
   faultPoint("launch:intents");
   if (Status st = makeDirs(run_dir, 0700); !st) {
     return fail(std::move(st).error());
@@ -290,6 +312,35 @@ Result<std::string> launch(state::Store& store, const spec::SandboxSpec& spec,
   cfg.upper_disk_path = upper;
   cfg.keep_upper_disk = !options.data_disk.empty();
   cfg.boot_timeout = options.boot_timeout;
+  cfg.add_hosts = spec.network.add_hosts;
+  cfg.boot_config_path = run_dir + "/boot-config.json";
+  if (subnet) {
+    net::NetworkConfig& n = cfg.network;
+    n.enabled = true;
+    n.names = names;
+    n.gateway = subnet->gateway;
+    n.guest_ip = subnet->guest_ip;
+    n.prefix = store.subnetPool().subnetPrefix();
+    n.mtu = spec.network.mtu;
+    n.allow_hosts = spec.network.allow_hosts;
+    n.block_private_ips = spec.network.block_private_ips;
+    n.dns_servers = spec.network.dns_servers;
+    n.upstream_ca_file = spec.network.upstream_ca;
+    for (const auto& sec : spec.secrets) {
+      n.secrets.push_back(net::SecretBinding{sec.name, sec.hosts});
+    }
+    n.events_path = supervisor::eventsPath(run_dir);
+  }
+  std::map<std::string, std::string> resolved;
+  const std::map<std::string, std::string>* values = options.secret_values;
+  if (values == nullptr && !spec.secrets.empty()) {
+    auto r = resolveSecretValues(spec);
+    if (!r) {
+      return fail(std::move(r).error());
+    }
+    resolved = std::move(*r);
+    values = &resolved;
+  }
   if (auto db = state::Store::defaultPath(); db) {
     cfg.state_db = *db;
   } else {
@@ -309,10 +360,41 @@ Result<std::string> launch(state::Store& store, const spec::SandboxSpec& spec,
   sopts.new_session = true;
   sopts.stdout_path = run_dir + "/supervisor.log";
   sopts.stderr_path = sopts.stdout_path;
+  auto secrets_pipe = Pipe::create();
+  if (!secrets_pipe) {
+    return fail(std::move(secrets_pipe).error());
+  }
+  sopts.inherit_fds = {secrets_pipe->read.get()};
   auto sup = sys::ChildProcess::spawn(
-      {self, "--log-level", "info", "__supervise", "--config", run_dir + "/vm.json"}, sopts);
+      {self, "--log-level", "info", "__supervise", "--config", run_dir + "/vm.json", "--secrets-fd",
+       std::to_string(secrets_pipe->read.get())},
+      sopts);
   if (!sup) {
     return fail(std::move(sup).error());
+  }
+  secrets_pipe->read.reset();
+  {
+    // The values go down the pipe and nowhere else; the supervisor reads it to EOF.
+    nlohmann::json j = nlohmann::json::object();
+    if (values != nullptr) {
+      for (const auto& [name, value] : *values) {
+        j[name] = value;
+      }
+    }
+    std::string data = j.dump();
+    size_t off = 0;
+    while (off < data.size()) {
+      ssize_t n = ::write(secrets_pipe->write.get(), data.data() + off, data.size() - off);
+      if (n < 0 && errno == EINTR) {
+        continue;
+      }
+      if (n <= 0) {
+        break;  // the supervisor died: its failure is recorded and reported below
+      }
+      off += static_cast<size_t>(n);
+    }
+    std::fill(data.begin(), data.end(), '\0');
+    secrets_pipe->write.reset();
   }
   faultPoint("launch:spawned");
   if (Status st = store.setSupervisor(id, sys::ProcessRef{sup->pid(), sup->startTime()}); !st) {
@@ -471,9 +553,18 @@ Status teardown(state::Store& store, const state::SandboxRecord& r, const std::s
   }
   ML_ASSIGN_OR_RETURN(auto resources, store.listResources(r.id));
   for (const auto& res : resources) {
-    // Objects inside the run dir are gone with it; a data disk outside it is kept on purpose.
+    // A namespace takes its TAP and nftables table with it; objects inside the run dir are gone
+    // with it; a data disk outside it is kept on purpose.
+    if (res.kind == state::ResourceKind::Netns) {
+      ML_RETURN_IF_ERROR(store.markResourceDeleting(res.kind, res.name));
+      ML_RETURN_IF_ERROR(sys::deleteNetns(res.name));
+    }
+  }
+  for (const auto& res : resources) {
     ML_RETURN_IF_ERROR(store.deleteResource(res.kind, res.name));
   }
+  ML_ASSIGN_OR_RETURN(bool released, store.releaseSubnet(r.id));
+  (void)released;
   ML_RETURN_IF_ERROR(store.deleteVm(r.id));
   return ok();
 }

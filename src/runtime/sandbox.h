@@ -78,6 +78,9 @@ struct LaunchOptions {
   std::chrono::seconds boot_timeout{120};
   std::optional<std::string> secrets_hash;
   std::optional<std::string> image_digest;
+  /// The values of the spec's secrets, already resolved by the caller (null: launch resolves
+  /// them). Handed to the supervisor through a pipe, never through a file, argv or env.
+  const std::map<std::string, std::string>* secret_values = nullptr;
 };
 
 /// Creates the sandbox's record (or, when `existing_id` is set, re-points that record at `spec`

@@ -687,7 +687,7 @@ class Decoder {
     }
     checkKeys(v, ptr,
               {"no_network", "allow_hosts", "block_private_ips", "dns_servers", "add_hosts", "mtu",
-               "intercept"});
+               "intercept", "upstream_ca"});
     auto at = [&](std::string_view key) { return pointerAppend(ptr, key); };
     if (Json* f = field(v, ptr, "no_network")) {
       n.no_network = getBool(*f, at("no_network")).value_or(false);
@@ -700,6 +700,13 @@ class Decoder {
     }
     if (Json* f = field(v, ptr, "intercept")) {
       n.intercept = getBool(*f, at("intercept")).value_or(false);
+    }
+    if (Json* f = field(v, ptr, "upstream_ca")) {
+      if (!f->is_string() || f->get<std::string>().empty()) {
+        typeError(*f, at("upstream_ca"), "a path to a PEM CA bundle");
+      } else {
+        n.upstream_ca = resolvePath(f->get<std::string>());
+      }
     }
     if (Json* f = field(v, ptr, "mtu")) {
       n.mtu = static_cast<int>(getIntegerIn(*f, at("mtu"), 68, 65535).value_or(n.mtu));

@@ -65,6 +65,9 @@ struct NetworkSpec {
   std::map<std::string, std::string> add_hosts;  ///< host name -> IP
   int mtu = kDefaultMtu;
   bool intercept = false;
+  /// Extra CA bundle (absolute host path) trusted for upstream TLS besides the system store;
+  /// verification itself cannot be turned off.
+  std::string upstream_ca;
   bool operator==(const NetworkSpec&) const = default;
 };
 

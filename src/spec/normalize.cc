@@ -65,6 +65,9 @@ OJson networkJson(const NetworkSpec& n) {
   out["add_hosts"] = stringMap(n.add_hosts);
   out["mtu"] = n.mtu;
   out["intercept"] = n.intercept;
+  if (!n.upstream_ca.empty()) {
+    out["upstream_ca"] = n.upstream_ca;
+  }
   return out;
 }
 
@@ -248,6 +251,9 @@ std::map<std::string, std::string> groupHashes(const SandboxSpec& s) {
                    {"dns_servers", net["dns_servers"]},
                    {"add_hosts", net["add_hosts"]},
                    {"mtu", net["mtu"]}};
+  if (!s.network.upstream_ca.empty()) {
+    net_config["upstream_ca"] = s.network.upstream_ca;
+  }
   OJson meta{{"labels", stringMap(s.labels)},
              {"depends_on", s.depends_on},
              {"restart", toString(s.restart)},

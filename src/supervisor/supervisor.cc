@@ -43,6 +43,10 @@ std::string consoleLogPath(const std::string& run_dir) {
   return run_dir + "/console.log";
 }
 
+std::string eventsPath(const std::string& run_dir) {
+  return run_dir + "/events.jsonl";
+}
+
 nlohmann::json toJson(const Config& c) {
   nlohmann::json disks = nlohmann::json::array();
   for (const auto& d : c.vm.disks) {
@@ -68,7 +72,10 @@ nlohmann::json toJson(const Config& c) {
                                                            {"cwd", c.main_process->cwd},
                                                            {"user", c.main_process->user},
                                                            {"restart", c.main_process->restart}}
-                                          : nlohmann::json()}};
+                                          : nlohmann::json()},
+          {"network", net::toJson(c.network)},
+          {"add_hosts", c.add_hosts},
+          {"boot_config_path", c.boot_config_path}};
 }
 
 Result<Config> configFromJson(const nlohmann::json& j) {
@@ -103,6 +110,11 @@ Result<Config> configFromJson(const nlohmann::json& j) {
       mp.restart = m->value("restart", std::string("no"));
       c.main_process = std::move(mp);
     }
+    if (auto n = j.find("network"); n != j.end() && n->is_object()) {
+      ML_ASSIGN_OR_RETURN(c.network, net::networkConfigFromJson(*n));
+    }
+    c.add_hosts = j.value("add_hosts", std::map<std::string, std::string>{});
+    c.boot_config_path = j.value("boot_config_path", std::string());
     c.vm.channel_socket = channelSocketPath(c.run_dir);
     c.vm.control_socket = c.run_dir + "/qmp.sock";
     c.vm.console_log = consoleLogPath(c.run_dir);
@@ -229,6 +241,63 @@ bool writeSome(int fd, std::string& buf) {
   return true;
 }
 
+/// Reads the secret values the launcher wrote into `fd` (one JSON object, to EOF, bounded).
+Result<std::map<std::string, std::string>> readSecretValues(int fd) {
+  std::map<std::string, std::string> values;
+  if (fd < 0) {
+    return values;
+  }
+  Fd owned(fd);
+  std::string data;
+  char buf[4096];
+  for (;;) {
+    ssize_t n = ::read(owned.get(), buf, sizeof(buf));
+    if (n < 0 && errno == EINTR) {
+      continue;
+    }
+    if (n < 0) {
+      return makeError(Errc::System, "reading the secret values", errno);
+    }
+    if (n == 0) {
+      break;
+    }
+    data.append(buf, static_cast<size_t>(n));
+    if (data.size() > 16 * 1024 * 1024) {
+      return makeError(Errc::InvalidSpec, "secret values exceed 16 MiB");
+    }
+  }
+  auto j = nlohmann::json::parse(data, nullptr, false);
+  if (!j.is_object()) {
+    // Never echo the data: it is secret.
+    return makeError(Errc::Internal, "the secret values handed over are not a JSON object");
+  }
+  for (const auto& [name, value] : j.items()) {
+    if (value.is_string()) {
+      values[name] = value.get<std::string>();
+    }
+  }
+  std::fill(data.begin(), data.end(), '\0');
+  return values;
+}
+
+/// The boot config disk: a raw, read-only virtio disk holding one JSON document (padded with
+/// spaces to whole sectors) that the guest init reads before anything runs: the environment of
+/// every guest process, the sandbox CA, /etc/hosts additions and the resolver. Secret values are
+/// never in it (placeholders only).
+Status writeBootConfig(const std::string& path, const nlohmann::json& config) {
+  std::string text = config.dump();
+  text.append(4096 - text.size() % 4096, ' ');
+  return writeFileAtomic(path, text, 0600);
+}
+
+/// A locally administered MAC derived from the sandbox id (stable across restarts).
+std::string macFor(const std::string& sandbox_id) {
+  std::string hex = sandbox_id.starts_with("vm-") ? sandbox_id.substr(3) : sandbox_id;
+  hex.resize(8, '0');
+  return fmt::format("02:4d:{}:{}:{}:{}", hex.substr(0, 2), hex.substr(2, 2), hex.substr(4, 2),
+                     hex.substr(6, 2));
+}
+
 class Supervisor;
 
 /// One control-socket client: a JSON request line, then (for exec) a relay of exec messages
@@ -256,6 +325,7 @@ class Supervisor {
 
  private:
   void record(state::SandboxStatus status, const std::string& error = "");
+  Status startNetwork(sys::SpawnOptions& qemu_opts);
   void onQemuExit();
   void tryConnectChannel();
   void onChannel(uint32_t events);
@@ -276,6 +346,7 @@ class Supervisor {
   Config config_;
   ev::Loop& loop_;
   std::optional<state::Store> store_;
+  std::unique_ptr<net::SandboxNetwork> network_;
   sys::ChildProcess qemu_;
   ev::Watch qemu_watch_;
   sys::ChildProcess main_;  ///< `matchlock __main`, once the guest is ready
@@ -340,6 +411,7 @@ Status Supervisor::start() {
   sys::SpawnOptions opts;
   opts.stdout_path = config_.run_dir + "/qemu.log";
   opts.stderr_path = opts.stdout_path;
+  ML_RETURN_IF_ERROR(startNetwork(opts));
   (void)::unlink(config_.vm.channel_socket.c_str());
   ML_ASSIGN_OR_RETURN(vm::BackendPtr backend, vm::makeBackend(config_.backend));
   // The guest has no clock source of its own (microvm without RTC): hand it ours at each boot.
@@ -372,6 +444,51 @@ Status Supervisor::start() {
            config_.sandbox_id);
     (void)qemu_.signal(SIGKILL);
   }));
+  return ok();
+}
+
+/// The network layer's part of the boot: the sandbox's namespace, TAP, rules, proxy and
+/// resolver (net::SandboxNetwork), the NIC and its addresses for the VMM and the guest, and the
+/// boot config disk.
+Status Supervisor::startNetwork(sys::SpawnOptions& qemu_opts) {
+  ML_ASSIGN_OR_RETURN(auto secret_values, readSecretValues(config_.secrets_fd));
+  config_.secrets_fd = -1;
+  nlohmann::json boot = {{"version", 1}, {"env", nlohmann::json::object()}};
+  nlohmann::json hosts = nlohmann::json::array();
+  for (const auto& [host, ip] : config_.add_hosts) {
+    hosts.push_back({{"host", host}, {"ip", ip}});
+  }
+  boot["hosts"] = hosts;
+  if (config_.network.enabled) {
+    ML_ASSIGN_OR_RETURN(network_, net::SandboxNetwork::create(config_.network, secret_values));
+    if (store_) {
+      const auto& n = config_.network.names;
+      for (auto [kind, name] : {std::pair{state::ResourceKind::Netns, n.netns},
+                                std::pair{state::ResourceKind::Tap, n.tap},
+                                std::pair{state::ResourceKind::NftTable, n.table}}) {
+        (void)store_->markResourceCreated(kind, name);
+      }
+    }
+    config_.vm.tap_fd = network_->tapFd();
+    config_.vm.mac = macFor(config_.sandbox_id);
+    qemu_opts.inherit_fds.push_back(network_->tapFd());
+    config_.vm.kernel_params.push_back(
+        fmt::format("matchlock.ip={}/{}", config_.network.guest_ip, config_.network.prefix));
+    config_.vm.kernel_params.push_back("matchlock.gw=" + config_.network.gateway);
+    config_.vm.kernel_params.push_back(fmt::format("matchlock.mtu={}", config_.network.mtu));
+    config_.vm.kernel_params.push_back("matchlock.dns=" + config_.network.gateway);
+    boot["env"] = network_->guestEnv();
+    boot["ca_pem"] = network_->caPem();
+  }
+  // Values are gone from our memory once the proxy holds them.
+  for (auto& [name, value] : secret_values) {
+    std::fill(value.begin(), value.end(), '\0');
+  }
+  if (!config_.boot_config_path.empty()) {
+    ML_RETURN_IF_ERROR(writeBootConfig(config_.boot_config_path, boot));
+    config_.vm.disks.push_back(vm::DiskSpec{config_.boot_config_path, "config", true});
+    config_.vm.kernel_params.push_back("matchlock.config=serial:config");
+  }
   return ok();
 }
 
@@ -629,11 +746,24 @@ void Supervisor::onClient(Client* c, uint32_t events) {
 
 void Supervisor::handleRequest(Client* c, const nlohmann::json& req) {
   std::string op = req.value("op", "");
+  // Each layer serves its own verbs.
+  if (op == "allow_list") {
+    nlohmann::json reply =
+        network_ ? network_->handleControl(req).value_or(nlohmann::json{{"ok", false}})
+                 : nlohmann::json{
+                       {"ok", false},
+                       {"error", "allow-list updates unavailable: the sandbox has no network"}};
+    c->out += reply.dump() + "\n";
+    c->closing = true;
+    pumpClient(c);
+    return;
+  }
   if (op == "status") {
     nlohmann::json s = {{"ok", true},
                         {"sandbox", config_.sandbox_id},
                         {"state", ready_ ? "running" : (stopping_ ? "stopping" : "booting")},
                         {"vm_pid", qemu_.pid()},
+                        {"network", network_ != nullptr},
                         {"accel", std::string(vm::toString(config_.vm.accel))}};
     c->out += s.dump() + "\n";
     c->closing = true;
@@ -792,6 +922,7 @@ void Supervisor::finish(Status status) {
                                  std::nullopt);
   }
   listener_watch_.reset();
+  network_.reset();  // the proxy thread stops; the namespace, TAP and table go
   (void)::unlink(controlSocketPath(config_.run_dir).c_str());
   (void)::unlink(config_.vm.channel_socket.c_str());
   (void)::unlink(config_.vm.control_socket.c_str());

@@ -10,6 +10,7 @@
 #include <nlohmann/json.hpp>
 
 #include "common/result.h"
+#include "net/sandbox_network.h"
 #include "vm/backend.h"
 
 namespace matchlock::supervisor {
@@ -42,6 +43,16 @@ struct Config {
   /// State DB to record status in ("" = do not record, for tests).
   std::string state_db;
   std::optional<MainProcess> main_process;
+  /// The sandbox's network (disabled = no NIC at all). Secret values are not in here: they come
+  /// through `secrets_fd`.
+  net::NetworkConfig network;
+  /// Guest /etc/hosts additions (host name -> IP).
+  std::map<std::string, std::string> add_hosts;
+  /// Where the boot config disk (JSON the guest reads at boot: env, CA, hosts) is written.
+  std::string boot_config_path;
+  /// An inherited pipe carrying the secret values as one JSON object {name: value}, read to EOF
+  /// at start (-1 = no secrets). Not serialized: values never touch the disk.
+  int secrets_fd = -1;
 };
 
 nlohmann::json toJson(const Config& config);
@@ -52,6 +63,7 @@ std::string controlSocketPath(const std::string& run_dir);
 std::string channelSocketPath(const std::string& run_dir);
 std::string consoleLogPath(const std::string& run_dir);
 std::string mainLogPath(const std::string& run_dir);
+std::string eventsPath(const std::string& run_dir);
 
 /// Runs the supervisor in the current process until the VM ends: creates the upper disk, boots
 /// the VM, waits (bounded) for the guest's readiness, serves the control socket (exec relays,

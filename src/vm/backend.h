@@ -37,6 +37,9 @@ struct VmConfig {
   std::string console_log;
   std::vector<std::string> kernel_params;  ///< matchlock.* parameters for the guest init
   Accel accel = Accel::Tcg;                ///< resolved: never Auto here
+  /// The NIC: an open TAP queue fd the VMM inherits at the same number (-1 = no NIC at all).
+  int tap_fd = -1;
+  std::string mac;
 };
 
 /// vCPU count for a fractional CPU request.

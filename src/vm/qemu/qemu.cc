@@ -98,6 +98,11 @@ std::vector<std::string> buildArgv(const VmConfig& c, const std::string& qemu_bi
                              d.readonly ? ",readonly=on" : ""),
                  "-device", fmt::format("virtio-blk-device,drive=disk{},serial={}", i, d.serial)});
   }
+  if (c.tap_fd >= 0) {
+    argv.insert(argv.end(), {"-netdev", fmt::format("tap,id=net0,fd={}", c.tap_fd), "-device",
+                             fmt::format("virtio-net-device,netdev=net0{}",
+                                         c.mac.empty() ? "" : ",mac=" + c.mac)});
+  }
   if (!c.channel_socket.empty()) {
     argv.insert(argv.end(),
                 {"-device", "virtio-serial-device", "-chardev",

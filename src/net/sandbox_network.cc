@@ -1,0 +1,251 @@
+// SPDX-License-Identifier: Apache-2.0
+#include "net/sandbox_network.h"
+
+#include <fcntl.h>
+#include <fmt/format.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstring>
+
+#include "common/log.h"
+#include "net/dns.h"
+#include "net/nft.h"
+#include "net/policy.h"
+#include "net/proxy.h"
+#include "net/secrets.h"
+#include "net/tls.h"
+#include "sys/netns.h"
+#include "sys/socket_util.h"
+
+namespace matchlock::net {
+namespace {
+
+std::string idHex(const std::string& sandbox_id) {
+  return sandbox_id.starts_with("vm-") ? sandbox_id.substr(3) : sandbox_id;
+}
+
+}  // namespace
+
+NetworkNames networkNames(const std::string& sandbox_id) {
+  const std::string hex = idHex(sandbox_id).substr(0, 8);
+  return NetworkNames{"ml-" + hex, "ml" + hex, "ml_" + hex};
+}
+
+nlohmann::json toJson(const NetworkConfig& c) {
+  nlohmann::json secrets = nlohmann::json::array();
+  for (const auto& s : c.secrets) {
+    secrets.push_back({{"name", s.name}, {"hosts", s.hosts}});
+  }
+  return {{"enabled", c.enabled},         {"netns", c.names.netns},
+          {"tap", c.names.tap},           {"table", c.names.table},
+          {"gateway", c.gateway},         {"guest_ip", c.guest_ip},
+          {"prefix", c.prefix},           {"mtu", c.mtu},
+          {"allow_hosts", c.allow_hosts}, {"block_private_ips", c.block_private_ips},
+          {"dns_servers", c.dns_servers}, {"upstream_ca_file", c.upstream_ca_file},
+          {"secrets", secrets},           {"events_path", c.events_path}};
+}
+
+Result<NetworkConfig> networkConfigFromJson(const nlohmann::json& j) {
+  try {
+    NetworkConfig c;
+    c.enabled = j.value("enabled", false);
+    c.names.netns = j.value("netns", "");
+    c.names.tap = j.value("tap", "");
+    c.names.table = j.value("table", "");
+    c.gateway = j.value("gateway", "");
+    c.guest_ip = j.value("guest_ip", "");
+    c.prefix = j.value("prefix", 24);
+    c.mtu = j.value("mtu", 1500);
+    c.allow_hosts = j.value("allow_hosts", std::vector<std::string>{});
+    c.block_private_ips = j.value("block_private_ips", true);
+    c.dns_servers = j.value("dns_servers", std::vector<std::string>{});
+    c.upstream_ca_file = j.value("upstream_ca_file", "");
+    for (const auto& s : j.value("secrets", nlohmann::json::array())) {
+      c.secrets.push_back(SecretBinding{s.at("name").get<std::string>(),
+                                        s.value("hosts", std::vector<std::string>{})});
+    }
+    c.events_path = j.value("events_path", "");
+    return c;
+  } catch (const nlohmann::json::exception& e) {
+    return makeError(Errc::InvalidSpec, fmt::format("network config: {}", e.what()));
+  }
+}
+
+Result<std::unique_ptr<SandboxNetwork>> SandboxNetwork::create(
+    const NetworkConfig& config, const std::map<std::string, std::string>& secret_values) {
+  std::unique_ptr<SandboxNetwork> n(new SandboxNetwork(config));
+  if (Status st = n->start(secret_values); !st) {
+    n->shutdown();
+    return makeError(st.error().withContext(
+        fmt::format("setting up the network of the sandbox (namespace {})", config.names.netns)));
+  }
+  return n;
+}
+
+Status SandboxNetwork::start(const std::map<std::string, std::string>& secret_values) {
+  const auto t0 = std::chrono::steady_clock::now();
+  // Policy: the allow-list, widened by the secrets' hosts (secrets seal the sandbox, upstream's
+  // rule), compiled before anything exists so that a bad pattern creates nothing.
+  PolicyConfig pc;
+  pc.allow_hosts = config_.allow_hosts;
+  pc.block_private_ips = config_.block_private_ips;
+  std::vector<Secret> secrets;
+  for (const SecretBinding& b : config_.secrets) {
+    auto it = secret_values.find(b.name);
+    if (it == secret_values.end()) {
+      return makeError(Errc::Internal, fmt::format("secret {}: no value was handed over", b.name));
+    }
+    Secret s;
+    s.name = b.name;
+    s.value = it->second;
+    s.hosts = b.hosts;
+    s.placeholder = generatePlaceholder();
+    placeholders_[s.name] = s.placeholder;
+    for (const std::string& h : b.hosts) {
+      if (std::find(pc.allow_hosts.begin(), pc.allow_hosts.end(), h) == pc.allow_hosts.end()) {
+        pc.allow_hosts.push_back(h);
+      }
+    }
+    secrets.push_back(std::move(s));
+  }
+  ML_ASSIGN_OR_RETURN(Policy policy, Policy::compile(pc));
+  policy_ = std::make_shared<PolicyStore>(std::move(policy));
+  auto secret_set = std::make_shared<const SecretSet>(std::move(secrets));
+  ML_ASSIGN_OR_RETURN(ca_, CertAuthority::generate());
+  std::vector<sys::SockAddr> upstreams;
+  for (const std::string& server : config_.dns_servers) {
+    ML_ASSIGN_OR_RETURN(sys::SockAddr a, sys::SockAddr::parse(server));
+    if (a.port() == 0) {
+      a.setPort(53);
+    }
+    upstreams.push_back(a);
+  }
+  if (!config_.events_path.empty()) {
+    ML_ASSIGN_OR_RETURN(
+        events_fd_, openFile(config_.events_path, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0600));
+  }
+  ML_ASSIGN_OR_RETURN(loop_, ev::Loop::create());
+
+  // The namespace and everything inside it. Its name was recorded as an owned resource (with the
+  // TAP and the table) by whoever launched us, so a crash from here on is cleaned up by name.
+  ML_RETURN_IF_ERROR(sys::createNetns(config_.names.netns));
+  netns_created_ = true;
+  ML_ASSIGN_OR_RETURN(Fd ns, sys::openNetns(config_.names.netns));
+  int efd = events_fd_.get();
+  EventSink sink = [efd](const NetworkEvent& e) {
+    if (efd < 0) {
+      return;
+    }
+    std::string line = toJsonLine(e) + "\n";
+    if (::write(efd, line.data(), line.size()) < 0) {
+      ML_LOG(net, debug, "appending a network event: {}", std::strerror(errno));
+    }
+  };
+  pins_ = std::make_unique<DnsPins>();
+  auto inside = [&]() -> Status {
+    ML_RETURN_IF_ERROR(sys::loopbackUp());
+    ML_ASSIGN_OR_RETURN(tap_, sys::createTap(config_.names.tap));
+    ML_RETURN_IF_ERROR(
+        sys::configureLink(config_.names.tap, config_.gateway, config_.prefix, config_.mtu));
+    // Sockets keep the namespace they are created in: these listen on the sandbox side, while
+    // every upstream socket the proxy and the resolver open later (on their loop thread, which
+    // never joins the namespace) dials out from the supervisor's own.
+    ML_ASSIGN_OR_RETURN(
+        resolver_, DnsResolver::create(*loop_, sys::SockAddr::fromIp(config_.gateway, 0), upstreams,
+                                       policy_, pins_.get()));
+    ProxyOptions po;
+    po.listen = sys::SockAddr::fromIp(config_.gateway, 0);
+    po.upstream_ca_file = config_.upstream_ca_file;
+    ML_ASSIGN_OR_RETURN(
+        proxy_, Proxy::create(*loop_, po, policy_, secret_set, ca_, pins_.get(), std::move(sink)));
+    SandboxRules rules;
+    rules.table = config_.names.table;
+    rules.tap = config_.names.tap;
+    rules.proxy_port = proxy_->address().port();
+    rules.dns_port = resolver_->address().port();
+    return installRules(rules);
+  };
+  ML_RETURN_IF_ERROR(sys::runInNetns(ns, inside));
+  thread_ = std::thread([this] {
+    if (Status st = loop_->run(); !st) {
+      ML_LOG(net, err, "proxy loop: {}", st.error().toString());
+    }
+  });
+  ML_LOG(
+      net, info, "network {}: {} via {} (proxy {}, resolver {}) ready in {} us",
+      config_.names.netns, config_.guest_ip, config_.gateway, proxy_->address().toString(),
+      resolver_->address().toString(),
+      std::chrono::duration_cast<std::chrono::microseconds>(std::chrono::steady_clock::now() - t0)
+          .count());
+  return ok();
+}
+
+void SandboxNetwork::shutdown() {
+  if (thread_.joinable()) {
+    loop_->stop();
+    thread_.join();
+  }
+  proxy_.reset();
+  resolver_.reset();
+  tap_.reset();
+  if (netns_created_) {
+    if (Status st = sys::deleteNetns(config_.names.netns); !st) {
+      ML_LOG(net, warn, "removing namespace {}: {}", config_.names.netns, st.error().toString());
+    }
+    netns_created_ = false;
+  }
+}
+
+SandboxNetwork::SandboxNetwork(NetworkConfig config) : config_(std::move(config)) {}
+
+SandboxNetwork::~SandboxNetwork() {
+  shutdown();
+}
+
+std::string SandboxNetwork::caPem() const {
+  return ca_ ? ca_->certPem() : std::string();
+}
+
+std::map<std::string, std::string> SandboxNetwork::guestEnv() const {
+  // The system bundle (with our CA appended by the guest) rather than our CA alone: TLS that is
+  // not intercepted (raw TCP to an allowed host) must still verify against the public roots.
+  std::map<std::string, std::string> env = {{"SSL_CERT_FILE", kGuestCaBundle},
+                                            {"REQUESTS_CA_BUNDLE", kGuestCaBundle},
+                                            {"CURL_CA_BUNDLE", kGuestCaBundle},
+                                            {"NODE_EXTRA_CA_CERTS", kGuestCaPath}};
+  for (const auto& [name, placeholder] : placeholders_) {
+    env[name] = placeholder;
+  }
+  return env;
+}
+
+std::optional<nlohmann::json> SandboxNetwork::handleControl(const nlohmann::json& request) {
+  if (request.value("op", "") != "allow_list") {
+    return std::nullopt;
+  }
+  const std::string action = request.value("action", "list");
+  std::vector<std::string> hosts;
+  if (auto h = request.find("hosts"); h != request.end() && h->is_array()) {
+    for (const auto& v : *h) {
+      if (v.is_string()) {
+        hosts.push_back(v.get<std::string>());
+      }
+    }
+  }
+  nlohmann::json reply = {{"ok", true}};
+  if (action == "add" || action == "delete") {
+    auto changed = action == "add" ? policy_->addHosts(hosts) : policy_->deleteHosts(hosts);
+    if (!changed) {
+      return nlohmann::json{{"ok", false}, {"error", changed.error().message()}};
+    }
+    reply[action == "add" ? "added" : "removed"] = *changed;
+  } else if (action != "list") {
+    return nlohmann::json{{"ok", false}, {"error", fmt::format("unknown action '{}'", action)}};
+  }
+  reply["allow_hosts"] = policy_->snapshot()->config().allow_hosts;
+  return reply;
+}
+
+}  // namespace matchlock::net
