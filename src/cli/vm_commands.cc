@@ -10,6 +10,7 @@
 #include <chrono>
 #include <cstdio>
 #include <cstring>
+#include <ctime>
 #include <filesystem>
 #include <memory>
 #include <thread>
@@ -25,6 +26,7 @@
 #include "common/strings.h"
 #include "image/image.h"
 #include "ml_version.h"
+#include "net/policy.h"
 #include "runtime/exec_client.h"
 #include "runtime/main_process.h"
 #include "runtime/sandbox.h"
@@ -56,7 +58,108 @@ struct RunOptions {
   bool interactive = false;
   bool tty = false;
   int boot_timeout = 120;
+  // Network (docs/egress.md).
+  std::vector<std::string> allow_hosts;  ///< repeatable, comma lists allowed
+  std::vector<std::string> secrets;      ///< NAME=VALUE@host,host or NAME@host,host
+  std::vector<std::string> add_hosts;    ///< host:ip
+  std::vector<std::string> dns_servers;
+  bool no_network = false;
+  bool network_intercept = false;
+  bool allow_private = false;
+  int mtu = spec::kDefaultMtu;
+  std::string upstream_ca;
 };
+
+/// Applies run's network flags to `sb`, with upstream's rules and messages (the secret flag is
+/// split at the last '@' and its host list at commas: upstream's comma quirk is fixed).
+Status applyNetworkFlags(const RunOptions& o, spec::SandboxSpec& sb) {
+  spec::NetworkSpec& n = sb.network;
+  n.no_network = o.no_network;
+  for (const std::string& arg : o.allow_hosts) {
+    for (const std::string& h : split(arg, ',')) {
+      std::string host = toLower(std::string(trim(h)));
+      if (!host.empty() &&
+          std::find(n.allow_hosts.begin(), n.allow_hosts.end(), host) == n.allow_hosts.end()) {
+        n.allow_hosts.push_back(host);
+      }
+    }
+  }
+  for (const std::string& arg : o.secrets) {
+    size_t at = arg.rfind('@');
+    if (at == std::string::npos || at == 0) {
+      return makeError(
+          Errc::InvalidSpec,
+          fmt::format("--secret {}: expected NAME=VALUE@host[,host] or NAME@host[,host]",
+                      arg.substr(0, arg.find('='))));
+    }
+    spec::SecretRef ref;
+    std::string lhs = arg.substr(0, at);
+    for (const std::string& h : split(arg.substr(at + 1), ',')) {
+      if (std::string host = toLower(std::string(trim(h))); !host.empty()) {
+        ref.hosts.push_back(host);
+      }
+    }
+    if (ref.hosts.empty()) {
+      return makeError(Errc::InvalidSpec,
+                       fmt::format("--secret {}: at least one host is required after '@'",
+                                   lhs.substr(0, lhs.find('='))));
+    }
+    if (size_t eq = lhs.find('='); eq != std::string::npos) {
+      ref.name = lhs.substr(0, eq);
+      ref.kind = spec::SecretRef::Kind::Inline;
+      ref.inline_value = lhs.substr(eq + 1);
+    } else {
+      ref.name = lhs;
+      ref.kind = spec::SecretRef::Kind::Env;
+      ref.env_var = lhs;
+      const char* v = std::getenv(lhs.c_str());
+      if (v == nullptr || *v == '\0') {
+        return makeError(
+            Errc::InvalidSpec,
+            fmt::format("--secret {}: ${} is not set or empty (with sudo, use sudo -E)", lhs, lhs));
+      }
+    }
+    if (ref.name.empty()) {
+      return makeError(Errc::InvalidSpec, "--secret: the secret name is empty");
+    }
+    sb.secrets.push_back(std::move(ref));
+  }
+  for (const std::string& arg : o.add_hosts) {
+    size_t colon = arg.find(':');
+    std::string host = colon == std::string::npos ? "" : arg.substr(0, colon);
+    std::string ip = colon == std::string::npos ? "" : arg.substr(colon + 1);
+    if (host.empty() || host.find_first_of(" \t") != std::string::npos || !net::isIpLiteral(ip)) {
+      return makeError(Errc::InvalidSpec, fmt::format("--add-host {}: expected HOST:IP", arg));
+    }
+    n.add_hosts[toLower(host)] = ip;
+  }
+  if (!o.dns_servers.empty()) {
+    n.dns_servers.clear();
+    for (const std::string& arg : o.dns_servers) {
+      for (const std::string& d : split(arg, ',')) {
+        std::string ip(trim(d));
+        if (!net::isIpLiteral(ip)) {
+          return makeError(Errc::InvalidSpec,
+                           fmt::format("--dns-servers: '{}' is not an IP address", d));
+        }
+        n.dns_servers.push_back(ip);
+      }
+    }
+  }
+  if (o.mtu < 68 || o.mtu > 65535) {
+    return makeError(Errc::InvalidSpec, "--mtu must be between 68 and 65535");
+  }
+  n.mtu = o.mtu;
+  n.intercept = o.network_intercept;
+  n.block_private_ips = !o.allow_private;
+  n.upstream_ca = o.upstream_ca;
+  if (n.no_network && (!n.allow_hosts.empty() || !sb.secrets.empty() || n.intercept)) {
+    return makeError(Errc::InvalidSpec,
+                     "--no-network cannot be combined with --allow-host, --secret or "
+                     "--network-intercept");
+  }
+  return ok();
+}
 
 struct ExecOptions {
   std::string id;
@@ -148,7 +251,7 @@ Result<int> runCommand(const RunOptions& o) {
   if (!o.user.empty()) {
     sb.user = o.user;
   }
-  sb.network.no_network = true;  // networking joins with the network issue
+  ML_RETURN_IF_ERROR(applyNetworkFlags(o, sb));
 
   ML_ASSIGN_OR_RETURN(std::string root, runtime::runRoot());
   std::string run_dir = runDirOf(root, id);
@@ -354,6 +457,97 @@ Status logCommand(const std::string& id, bool follow, bool main) {
   }
 }
 
+/// `allow-list add|delete ID HOST...`: changes a running sandbox's egress policy through its
+/// supervisor, effective for the next connection. Output as upstream's.
+Status allowListCommand(const std::string& action, const std::string& id,
+                        const std::vector<std::string>& args) {
+  std::vector<std::string> hosts;
+  for (const std::string& a : args) {
+    for (const std::string& h : split(a, ',')) {
+      std::string host = toLower(std::string(trim(h)));
+      if (!host.empty() && std::find(hosts.begin(), hosts.end(), host) == hosts.end()) {
+        hosts.push_back(host);
+      }
+    }
+  }
+  ML_ASSIGN_OR_RETURN(auto store, state::Store::openDefault());
+  ML_ASSIGN_OR_RETURN(auto r, runtime::findSandbox(store, id));
+  ML_ASSIGN_OR_RETURN(std::string root, runtime::runRoot());
+  nlohmann::json req = {{"op", "allow_list"}, {"action", action}, {"hosts", hosts}};
+  auto line =
+      runtime::controlRequestLine(supervisor::controlSocketPath(runDirOf(root, r.id)), req.dump());
+  if (!line) {
+    return makeError(Errc::Unavailable,
+                     fmt::format("sandbox {} is not running (no supervisor answered)", r.id));
+  }
+  auto reply = nlohmann::json::parse(*line, nullptr, false);
+  if (!reply.is_object() || !reply.value("ok", false)) {
+    return makeError(Errc::Conflict, reply.is_object()
+                                         ? reply.value("error", "allow-list update failed")
+                                         : std::string("allow-list update failed"));
+  }
+  const bool add = action == "add";
+  auto changed = reply.value(add ? "added" : "removed", std::vector<std::string>{});
+  if (changed.empty()) {
+    fmt::print("{} {}\n", add ? "No new hosts were added to" : "No hosts were removed from", r.id);
+  } else {
+    fmt::print("{} {}: {}\n", add ? "Added to" : "Removed from", r.id, join(changed, ","));
+  }
+  auto current = reply.value("allow_hosts", std::vector<std::string>{});
+  fmt::print("Current allow-list: {}\n",
+             current.empty() ? "(empty: all hosts allowed)" : join(current, ","));
+  return ok();
+}
+
+/// `events ID [-f] [-o json]`: the sandbox's network events (and later file events).
+Status eventsCommand(const std::string& id, bool follow, bool json) {
+  ML_ASSIGN_OR_RETURN(auto store, state::Store::openDefault());
+  ML_ASSIGN_OR_RETURN(auto r, runtime::findSandbox(store, id));
+  ML_ASSIGN_OR_RETURN(std::string root, runtime::runRoot());
+  const std::string path = supervisor::eventsPath(runDirOf(root, r.id));
+  size_t offset = 0;
+  std::string partial;
+  for (;;) {
+    if (auto text = readFile(path); text) {
+      if (text->size() < offset) {
+        offset = 0;
+      }
+      partial += text->substr(offset);
+      offset = text->size();
+      size_t nl = 0;
+      while ((nl = partial.find('\n')) != std::string::npos) {
+        std::string ev = partial.substr(0, nl);
+        partial.erase(0, nl + 1);
+        if (json) {
+          fmt::print("{}\n", ev);
+          continue;
+        }
+        auto e = nlohmann::json::parse(ev, nullptr, false);
+        if (!e.is_object() || !e.contains("network")) {
+          continue;
+        }
+        const auto& n = e["network"];
+        std::time_t t = e.value("timestamp", int64_t{0});
+        char when[32] = {};
+        (void)std::strftime(when, sizeof(when), "%Y-%m-%d %H:%M:%S", std::localtime(&t));
+        std::string line = fmt::format("{} {} {} {}", when, n.value("method", "-"),
+                                       n.value("url", ""), n.value("status_code", 0));
+        if (n.value("blocked", false)) {
+          line += fmt::format(" BLOCKED: {}", n.value("block_reason", ""));
+        }
+        fmt::print("{}\n", line);
+      }
+      (void)std::fflush(stdout);
+    } else if (!follow) {
+      return ok();  // no events yet
+    }
+    if (!follow) {
+      return ok();
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
+}
+
 Status killCommand(const std::vector<std::string>& ids, bool all) {
   ML_ASSIGN_OR_RETURN(auto store, state::Store::openDefault());
   ML_ASSIGN_OR_RETURN(std::string root, runtime::runRoot());
@@ -443,7 +637,8 @@ void addVmCommands(CLI::App& app, CommandContext& ctx) {
                                "Run a command in a new sandbox (removed afterwards unless "
                                "--rm=false or -d)");
   r->add_option("--image", run->image, "Image (local store or registry reference)")->required();
-  r->add_option("-e,--env", run->env, "KEY=VALUE, or KEY to copy from this environment");
+  r->add_option("-e,--env", run->env, "KEY=VALUE, or KEY to copy from this environment")
+      ->allow_extra_args(false);
   r->add_option("-w,--workdir", run->workdir, "Working directory in the sandbox");
   r->add_option("-u,--user", run->user, "uid, uid:gid, name or name:group");
   r->add_option("--cpus", run->cpus, "vCPUs (fractions allowed)");
@@ -458,6 +653,25 @@ void addVmCommands(CLI::App& app, CommandContext& ctx) {
   r->add_flag("-d,--detach", run->detach, "Start in the background and print the sandbox ID");
   r->add_flag("-i,--interactive", run->interactive, "Forward stdin");
   r->add_flag("-t,--tty", run->tty, "Allocate a terminal (with -i)");
+  r->add_option("--allow-host", run->allow_hosts,
+                "Allowed egress host pattern (repeatable, comma lists; empty = all public hosts)")
+      ->allow_extra_args(false);
+  r->add_option("--secret", run->secrets,
+                "NAME=VALUE@host[,host] or NAME@host[,host] (value from $NAME); the guest sees a "
+                "placeholder")
+      ->allow_extra_args(false);
+  r->add_option("--add-host", run->add_hosts, "HOST:IP added to the guest's /etc/hosts")
+      ->allow_extra_args(false);
+  r->add_option("--dns-servers", run->dns_servers, "Upstream resolvers of the sandbox resolver")
+      ->allow_extra_args(false);
+  r->add_option("--mtu", run->mtu, "Guest NIC MTU");
+  r->add_flag("--no-network", run->no_network, "No NIC at all (only lo)");
+  r->add_flag("--network-intercept", run->network_intercept,
+              "Accepted for upstream compatibility: every sandbox network is intercepted");
+  r->add_flag("--allow-private", run->allow_private,
+              "Do not block private, loopback, link-local and metadata ranges");
+  r->add_option("--upstream-ca", run->upstream_ca,
+                "Extra CA bundle trusted for upstream TLS (verification is never off)");
   r->add_option("command", run->command, "Command and arguments (after --)");
   r->callback([run, &ctx] { addExitCode(ctx, runCommand(*run)); });
 
@@ -512,6 +726,31 @@ void addVmCommands(CLI::App& app, CommandContext& ctx) {
 
   auto* p = app.add_subcommand("prune", "Remove every sandbox that is not running");
   p->callback([&ctx] { ctx.finish(pruneCommand()); });
+
+  auto al = app.add_subcommand("allow-list", "Change a running sandbox's egress allow-list");
+  al->require_subcommand(1);
+  for (const char* action : {"add", "delete"}) {
+    auto al_id = std::make_shared<std::string>();
+    auto al_hosts = std::make_shared<std::vector<std::string>>();
+    auto* sub = al->add_subcommand(action, std::string(action) + " host patterns");
+    sub->add_option("id", *al_id, "Sandbox ID, project/name or name")->required();
+    sub->add_option("hosts", *al_hosts, "Host patterns (comma lists allowed)")->required();
+    std::string act = action;
+    sub->callback(
+        [act, al_id, al_hosts, &ctx] { ctx.finish(allowListCommand(act, *al_id, *al_hosts)); });
+  }
+
+  auto ev_id = std::make_shared<std::string>();
+  auto ev_follow = std::make_shared<bool>(false);
+  auto ev_output = std::make_shared<std::string>("human");
+  auto* evc = app.add_subcommand("events", "A sandbox's network events");
+  evc->add_option("id", *ev_id, "Sandbox ID, project/name or name")->required();
+  evc->add_flag("-f,--follow", *ev_follow, "Keep printing new events");
+  evc->add_option("-o,--output", *ev_output, "human or json (upstream's event objects)")
+      ->check(CLI::IsMember({"human", "json"}));
+  evc->callback([ev_id, ev_follow, ev_output, &ctx] {
+    ctx.finish(eventsCommand(*ev_id, *ev_follow, *ev_output == "json"));
+  });
 
   auto main_config = std::make_shared<std::string>();
   auto* mp = app.add_subcommand("__main", "");  // internal: a sandbox's main process runner

@@ -103,8 +103,13 @@ class RawTerminal {
 
 Result<std::string> controlRequest(const std::string& control_socket, const std::string& op,
                                    int timeout_ms) {
+  return controlRequestLine(control_socket, nlohmann::json({{"op", op}}).dump(), timeout_ms);
+}
+
+Result<std::string> controlRequestLine(const std::string& control_socket,
+                                       const std::string& request, int timeout_ms) {
   ML_ASSIGN_OR_RETURN(Fd fd, connectControl(control_socket, timeout_ms));
-  if (!writeAll(fd.get(), nlohmann::json({{"op", op}}).dump() + "\n")) {
+  if (!writeAll(fd.get(), request + "\n")) {
     return makeError(Errc::Unavailable, "supervisor closed the control connection", errno);
   }
   std::string reply;

@@ -25,5 +25,8 @@ Result<int> runExec(const std::string& control_socket, const ExecClientOptions& 
 /// Sends a one-line JSON request ({"op": "stop"} or "status") and returns the reply line.
 Result<std::string> controlRequest(const std::string& control_socket, const std::string& op,
                                    int timeout_ms = 5000);
+/// The same with a whole request object already serialized as one JSON line (no newline).
+Result<std::string> controlRequestLine(const std::string& control_socket,
+                                       const std::string& request, int timeout_ms = 5000);
 
 }  // namespace matchlock::runtime
