@@ -177,16 +177,6 @@ std::map<std::string, reconcile::Desired> desiredOf(const spec::Project& project
 /// it starts instead of silently ignoring them; each sandbox still boots, offline and without them.
 std::vector<std::string> notYetWired(const spec::SandboxSpec& s) {
   std::vector<std::string> out;
-  if (!s.network.no_network) {
-    out.emplace_back(
-        "network: no NIC is attached yet, the sandbox runs offline (egress fails "
-        "closed)");
-  }
-  if (!s.secrets.empty()) {
-    out.emplace_back(
-        "secrets: not injected yet (no egress proxy attached); values are only "
-        "hashed for rotation");
-  }
   if (std::ranges::any_of(s.mounts,
                           [](const auto& m) { return m.mode != spec::MountMode::Memory; })) {
     out.emplace_back("mounts: host directories are not attached yet (no VFS layer)");

@@ -1,0 +1,265 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Sandbox networks end to end (issue sandbox-network): a real TCG micro-VM booted from the agent
+image (curl, python3) whose only way out is its supervisor's proxy and resolver, against a
+test-made "internet" namespace holding HTTP/HTTPS servers (test CA) and dnsmasq.
+
+  host netns (matchlock runs here, via nsenter)  ──veth──  internet netns
+  198.51.100.1                                             198.51.100.10-13, .53 (dnsmasq), 10.99.0.2
+
+Nothing leaves the namespaces the test creates; they are removed at teardown."""
+import json
+import os
+import shutil
+import subprocess
+import time
+
+import pytest
+
+from framework import egress
+from framework.egress import GOOD_IP, PRIVATE_IP, DNS_IP, run
+
+pytestmark = [pytest.mark.need_root, pytest.mark.need_qemu]
+SECRET_VALUE = "sk-real-value-5c1d9e"
+TOOLS = ("ip", "nft", "curl", "openssl", "dnsmasq", "nsenter")
+
+
+class Internet(egress.Topology):
+    """egress.Topology without the client namespace and the hand-written nft rules: the router
+    namespace plays the host that matchlock runs in."""
+
+    def setup(self):
+        r, i = self.router, self.inet
+        for n in (r, i):
+            run(["ip", "netns", "add", n])
+        run(["ip", "link", "add", "r1", "netns", r, "type", "veth", "peer", "i0", "netns", i])
+        for n, dev in ((r, "r1"), (i, "i0"), (r, "lo"), (i, "lo")):
+            self.ns(n, "ip", "link", "set", dev, "up")
+        self.ns(r, "ip", "addr", "add", "198.51.100.1/24", "dev", "r1")
+        self.ns(r, "ip", "addr", "add", "10.99.0.1/24", "dev", "r1")
+        for ip in (GOOD_IP, egress.OTHER_IP, "198.51.100.12", egress.BAD_CERT_IP, DNS_IP):
+            self.ns(i, "ip", "addr", "add", f"{ip}/24", "dev", "i0")
+        self.ns(i, "ip", "addr", "add", f"{PRIVATE_IP}/24", "dev", "i0")
+        self.ns(i, "ip", "route", "add", "default", "via", "198.51.100.1")
+        self.make_certs()
+        self.start_servers()
+        self.start_dnsmasq()
+
+
+@pytest.fixture(scope="module")
+def internet(tmp_path_factory):
+    missing = [t for t in TOOLS if shutil.which(t) is None]
+    if missing:
+        pytest.skip(f"missing tools: {missing}")
+    t = Internet(tmp_path_factory.mktemp("internet"))
+    try:
+        t.setup()
+        yield t
+    finally:
+        t.close()
+
+
+class Sandbox:
+    """One sandbox started with `matchlock run -d` inside the router namespace."""
+
+    def __init__(self, internet, home, binary):
+        self.internet = internet
+        self.home = home
+        self.binary = binary
+        self.id = None
+
+    def ml(self, *args, env=None, timeout=60, check=False):
+        e = dict(os.environ)
+        e["MATCHLOCK_HOME"] = str(self.home)
+        e.update(env or {})
+        p = subprocess.run(["nsenter", f"--net=/run/netns/{self.internet.router}", self.binary,
+                            *map(str, args)], capture_output=True, text=True, env=e,
+                           timeout=timeout)
+        if check and p.returncode != 0:
+            raise AssertionError(f"matchlock {args}: {p.returncode}\n{p.stdout}\n{p.stderr}")
+        return p
+
+    def sh(self, script, timeout=60):
+        return self.ml("exec", self.id, "--", "sh", "-c", script, timeout=timeout)
+
+    def events(self):
+        p = self.ml("events", self.id, "-o", "json", check=True)
+        return [json.loads(line) for line in p.stdout.splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def agent_image(tmp_path_factory, image_fixtures):
+    home = tmp_path_factory.mktemp("nethome")
+    binary = os.environ.get("MATCHLOCK_BIN", str(egress.ROOT / "build" / "matchlock"))
+    layout = image_fixtures["agent"] / "agent-oci"
+    tar = subprocess.run(["tar", "-C", str(layout), "-cf", "-", "."], check=True,
+                         capture_output=True).stdout
+    e = dict(os.environ, MATCHLOCK_HOME=str(home))
+    r = subprocess.run([binary, "image", "import", "agent:latest"], input=tar,
+                       capture_output=True, env=e, timeout=300)
+    assert r.returncode == 0, r.stderr
+    return home, binary
+
+
+@pytest.fixture(scope="module")
+def sealed(internet, agent_image, kernel):
+    """A sealed sandbox: an allow-list with a wildcard, a secret for allowed.test, the test
+    internet's resolver and CA. Booted once for the module."""
+    home, binary = agent_image
+    sb = Sandbox(internet, home, binary)
+    p = sb.ml("run", "-d", "--image", "agent:latest", "--allow-host", "allowed.test,*.wild.test",
+              "--allow-host", "private.test", "--secret", "API_KEY@allowed.test,b.a.wild.test",
+              "--dns-servers", DNS_IP, "--upstream-ca", internet.test_ca,
+              "--add-host", "pinned.test:198.51.100.12",
+              env={"API_KEY": SECRET_VALUE}, timeout=300)
+    assert p.returncode == 0, p.stdout + p.stderr
+    sb.id = p.stdout.strip().splitlines()[-1]
+    try:
+        yield sb
+    finally:
+        sb.ml("kill", sb.id, timeout=60)
+        sb.ml("rm", "-f", sb.id, timeout=60)
+        left = run(["ip", "netns", "list"]).stdout
+        assert f"ml-{sb.id[3:]}" not in left, left
+
+
+def curl(sb, url, *args):
+    """curl from inside the guest, no TLS flags: returns (http code, body)."""
+    q = " ".join(f"'{a}'" for a in args)
+    p = sb.sh(f"curl -sS -m 10 -o /tmp/body -w '%{{http_code}}' {q} '{url}'; echo; "
+              "cat /tmp/body 2>/dev/null")
+    lines = p.stdout.split("\n", 1)
+    return lines[0].strip(), (lines[1] if len(lines) > 1 else "") + p.stderr
+
+
+def last_event(sb, host):
+    for _ in range(40):
+        evs = [e for e in sb.events() if e["network"]["host"] == host]
+        if evs:
+            return evs[-1]["network"]
+        time.sleep(0.05)
+    raise AssertionError(f"no event for {host}")
+
+
+def test_guest_has_nic_resolver_ca_and_only_placeholders(sealed):
+    p = sealed.sh("cat /proc/net/dev; cat /etc/resolv.conf; grep pinned /etc/hosts; "
+                  "env | sort; ls /etc/ssl/certs/matchlock-ca.crt")
+    assert "eth0:" in p.stdout and "nameserver 10.213." in p.stdout, p.stdout
+    assert "198.51.100.12\tpinned.test" in p.stdout
+    assert "API_KEY=SANDBOX_SECRET_" in p.stdout
+    assert "SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt" in p.stdout
+    assert "NODE_EXTRA_CA_CERTS=/etc/ssl/certs/matchlock-ca.crt" in p.stdout
+    assert SECRET_VALUE not in p.stdout
+
+
+def test_allowed_host_over_https_with_no_flags(sealed):
+    code, body = curl(sealed, "https://allowed.test/hello")
+    assert code == "200", body
+    assert "hello from 198.51.100.10 /hello" in body
+    n = last_event(sealed, "allowed.test")
+    assert n["status_code"] == 200 and not n["blocked"]
+    # python's ssl trusts the sandbox CA as well (REQUESTS_CA_BUNDLE / system bundle).
+    p = sealed.sh("python3 -c \"import urllib.request;"
+                  "print(urllib.request.urlopen('https://allowed.test/py').status)\"")
+    assert p.stdout.strip() == "200", p.stderr
+
+
+def test_secret_substituted_in_header_and_query(sealed):
+    internet = sealed.internet
+    # The guest's shell expands $API_KEY: it only ever holds the placeholder.
+    p = sealed.sh("curl -sS -m 10 -H \"Authorization: Bearer $API_KEY\" "
+                  "\"https://allowed.test/secret?key=$API_KEY\"")
+    assert SECRET_VALUE not in p.stdout + p.stderr
+    seen = [r for r in internet.server_requests() if r["path"].startswith("/secret?key=sk")][-1]
+    assert seen["headers"]["Authorization"] == f"Bearer {SECRET_VALUE}"
+    assert seen["path"] == f"/secret?key={SECRET_VALUE}"
+    events = (sealed.home / "run" / sealed.id / "events.jsonl").read_text()
+    assert SECRET_VALUE not in events
+    for log in (sealed.home / "run" / sealed.id).glob("*.log"):
+        assert SECRET_VALUE not in log.read_text(errors="replace"), log
+    assert SECRET_VALUE.encode() not in (sealed.home / "state.db").read_bytes()
+
+
+def test_placeholder_to_another_allowed_host_is_403(sealed):
+    p = sealed.sh("curl -sS -m 10 -o /dev/null -w '%{http_code}' -H \"X-Key: $API_KEY\" "
+                  "https://a.wild.test/leak")
+    assert p.stdout.strip() == "403", p.stdout + p.stderr
+    n = last_event(sealed, "a.wild.test")
+    assert n["blocked"] and n["block_reason"] == "secret placeholder sent to unauthorized host"
+
+
+def test_host_not_on_the_list_refused_with_reason(sealed):
+    # Not resolvable through the sandbox resolver, and refused by the proxy when dialled by IP.
+    p = sealed.sh("getent hosts other.test; echo rc=$?")
+    assert "rc=2" in p.stdout, p.stdout
+    code, body = curl(sealed, "https://other.test/", "--resolve", f"other.test:443:{GOOD_IP}")
+    assert code == "403" and "host not in allowlist" in body
+    n = last_event(sealed, "other.test")
+    assert n["blocked"] and n["block_reason"] == "host not in allowlist"
+
+
+def test_wildcard_semantics(sealed):
+    assert curl(sealed, "https://b.a.wild.test/")[0] == "200"
+    code, body = curl(sealed, "https://wild.test/", "--resolve", f"wild.test:443:{GOOD_IP}")
+    assert code == "403"
+
+
+def test_ip_never_resolved_for_the_name_fails(sealed):
+    code, body = curl(sealed, "https://allowed.test/x", "--resolve",
+                      f"allowed.test:443:{egress.OTHER_IP}")
+    assert code == "403" and "was not resolved" in body, body
+
+
+def test_udp_icmp_ipv6_metadata_and_private_fail(sealed):
+    script = r"""
+import socket
+def t(f):
+    try:
+        f(); return "open"
+    except Exception as e:
+        return "fail"
+def udp():
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(2)
+    s.sendto(b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00\x07allowed\x04test\x00\x00\x01\x00\x01",
+             ("198.51.100.53", 5353)); s.recv(512)
+def tcp(ip, port):
+    def f():
+        s = socket.create_connection((ip, port), timeout=3); s.sendall(b"GET / HTTP/1.0\r\n\r\n")
+        d = s.recv(100)
+        if not d or b" 403 " in d: raise OSError("refused")
+    return f
+def v6():
+    s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM); s.settimeout(2); s.connect(("fd00::1", 80))
+print("udp", t(udp))
+print("metadata", t(tcp("169.254.169.254", 80)))
+print("private", t(tcp("10.99.0.2", 80)))
+print("ipv6", t(v6))
+print("direct", t(tcp("198.51.100.11", 80)))
+"""
+    p = sealed.sh(f"python3 - <<'EOF'\n{script}\nEOF\nping -c1 -W2 198.51.100.10 >/dev/null 2>&1; "
+                  "echo ping=$?", timeout=90)
+    out = p.stdout
+    for probe in ("udp", "metadata", "private", "ipv6", "direct"):
+        assert f"{probe} fail" in out, out + p.stderr
+    assert "ping=0" not in out, out
+
+
+def test_allow_list_add_takes_effect_without_restart(sealed):
+    pid = sealed.ml("inspect", sealed.id, check=True).stdout
+    code, _ = curl(sealed, "https://late.test/", "--resolve", f"late.test:443:{GOOD_IP}")
+    assert code == "403"
+    p = sealed.ml("allow-list", "add", sealed.id, "late.test", check=True)
+    assert f"Added to {sealed.id}: late.test" in p.stdout
+    assert "Current allow-list:" in p.stdout and "late.test" in p.stdout
+    assert curl(sealed, "https://late.test/")[0] == "200"
+    p = sealed.ml("allow-list", "delete", sealed.id, "late.test", check=True)
+    assert f"Removed from {sealed.id}: late.test" in p.stdout
+    assert sealed.ml("inspect", sealed.id, check=True).stdout == pid
+
+
+def test_no_network_has_only_lo(internet, agent_image, kernel):
+    home, binary = agent_image
+    sb = Sandbox(internet, home, binary)
+    p = sb.ml("run", "--image", "agent:latest", "--no-network", "--", "sh", "-c",
+              "tail -n +3 /proc/net/dev | cut -d: -f1 | tr -d ' ' | sort", timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert [d for d in p.stdout.split() if d not in ("sit0",)] == ["lo"], p.stdout
