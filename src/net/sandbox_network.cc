@@ -183,6 +183,7 @@ Status SandboxNetwork::start(const std::map<std::string, std::string>& secret_va
 }
 
 void SandboxNetwork::shutdown() {
+  const auto t0 = std::chrono::steady_clock::now();
   if (thread_.joinable()) {
     loop_->stop();
     thread_.join();
@@ -195,6 +196,10 @@ void SandboxNetwork::shutdown() {
       ML_LOG(net, warn, "removing namespace {}: {}", config_.names.netns, st.error().toString());
     }
     netns_created_ = false;
+    ML_LOG(
+        net, info, "network {}: removed in {} us", config_.names.netns,
+        std::chrono::duration_cast<std::chrono::microseconds>(std::chrono::steady_clock::now() - t0)
+            .count());
   }
 }
 
