@@ -140,7 +140,7 @@ Status SandboxNetwork::start(const std::map<std::string, std::string>& secret_va
     }
     std::string line = toJsonLine(e) + "\n";
     if (::write(efd, line.data(), line.size()) < 0) {
-      ML_LOG(net, debug, "appending a network event: {}", std::strerror(errno));
+      ML_LOG(net, debug, "appending a network event: errno {}", errno);
     }
   };
   pins_ = std::make_unique<DnsPins>();
