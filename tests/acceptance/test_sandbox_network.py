@@ -263,3 +263,44 @@ def test_no_network_has_only_lo(internet, agent_image, kernel):
               "tail -n +3 /proc/net/dev | cut -d: -f1 | tr -d ' ' | sort", timeout=300)
     assert p.returncode == 0, p.stderr
     assert [d for d in p.stdout.split() if d not in ("sit0",)] == ["lo"], p.stdout
+
+
+@pytest.mark.parametrize("fault", ["supervisor", "launch:intents", "launch:spawned"])
+def test_sigkill_leaves_no_netns_tap_table_or_subnet(internet, agent_image, kernel, fault):
+    """SIGKILL of the supervisor (running sandbox) or of `run` at a network step, then `prune`:
+    nothing of the sandbox's network is left."""
+    import signal
+    import sqlite3
+    home, binary = agent_image
+    sb = Sandbox(internet, home, binary)
+    before = set(run(["ip", "netns", "list"]).stdout.split())
+    if fault == "supervisor":
+        p = sb.ml("run", "-d", "--image", "agent:latest", timeout=300)
+        assert p.returncode == 0, p.stderr
+        sb.id = p.stdout.strip().splitlines()[-1]
+        db = sqlite3.connect(str(home / "state.db"))
+        pid = db.execute("select supervisor_pid from sandboxes where id=?", (sb.id,)).fetchone()[0]
+        db.close()
+        assert f"ml-{sb.id[3:]}" in run(["ip", "netns", "list"]).stdout
+        os.kill(pid, signal.SIGKILL)
+        time.sleep(0.5)
+    else:
+        p = sb.ml("run", "-d", "--image", "agent:latest", env={"MATCHLOCK_FAULT": fault},
+                  timeout=300)
+        assert p.returncode != 0
+    p = sb.ml("prune", timeout=120)
+    assert p.returncode == 0, p.stderr
+    after = set(run(["ip", "netns", "list"]).stdout.split())
+    assert not {n for n in after - before if n.startswith("ml-")}, after
+    db = sqlite3.connect(str(home / "state.db"))
+    try:
+        # Only sandboxes that still exist (the module's sealed one) hold a subnet or resources.
+        assert db.execute("select count(*) from subnets where sandbox_id not in "
+                          "(select id from sandboxes)").fetchone()[0] == 0
+        assert db.execute("select count(*) from owned_resources where sandbox_id not in "
+                          "(select id from sandboxes)").fetchone()[0] == 0
+        live = db.execute("select count(*) from sandboxes").fetchone()[0]
+        assert db.execute("select count(*) from subnets").fetchone()[0] == live
+    finally:
+        db.close()
+    assert "ml_" not in run(["nft", "list", "tables"]).stdout  # never in the host namespace
