@@ -21,6 +21,7 @@
 #include <cerrno>
 #include <cstring>
 #include <memory>
+#include <utility>
 #include <vector>
 
 #include "common/cptr.h"
@@ -264,20 +265,17 @@ Status installRules(const SandboxRules& r) {
                       .redirect(r.dns_port)
                       .take());
   rules.push_back(RuleBuilder(r.table, "input").ifname(NFT_META_IIFNAME, "lo").accept().take());
-  rules.push_back(RuleBuilder(r.table, "input")
-                      .ipv4()
-                      .ifname(NFT_META_IIFNAME, r.tap)
-                      .l4proto(IPPROTO_TCP)
-                      .dport(r.proxy_port)
-                      .accept()
-                      .take());
-  rules.push_back(RuleBuilder(r.table, "input")
-                      .ipv4()
-                      .ifname(NFT_META_IIFNAME, r.tap)
-                      .l4proto(IPPROTO_UDP)
-                      .dport(r.dns_port)
-                      .accept()
-                      .take());
+  // The only two ports of the gateway the guest may reach: the proxy (TCP) and resolver (UDP).
+  for (auto [proto, port] : {std::pair<uint8_t, uint16_t>{IPPROTO_TCP, r.proxy_port},
+                             std::pair<uint8_t, uint16_t>{IPPROTO_UDP, r.dns_port}}) {
+    rules.push_back(RuleBuilder(r.table, "input")
+                        .ipv4()
+                        .ifname(NFT_META_IIFNAME, r.tap)
+                        .l4proto(proto)
+                        .dport(port)
+                        .accept()
+                        .take());
+  }
   rules.push_back(RuleBuilder(r.table, "output").ifname(NFT_META_OIFNAME, "lo").accept().take());
   rules.push_back(RuleBuilder(r.table, "output").ctEstablishedOrRelated().accept().take());
   for (const RulePtr& rule : rules) {
