@@ -495,6 +495,10 @@ Observation observe(state::Store& store, const state::SandboxRecord& r,
         if (res.kind == state::ResourceKind::Disk && !fs::exists(res.name, ec)) {
           return {Health::Leaked, fmt::format("disk {} is gone", res.name)};
         }
+        if (res.kind == state::ResourceKind::Netns && res.state == state::ResourceState::Created &&
+            !sys::netnsExists(res.name)) {
+          return {Health::Leaked, fmt::format("network namespace {} is gone", res.name)};
+        }
       }
     }
     return {Health::Running, ""};
