@@ -49,7 +49,8 @@ class Internet(egress.Topology):
 def internet(tmp_path_factory):
     missing = [t for t in TOOLS if shutil.which(t) is None]
     if missing:
-        pytest.skip(f"missing tools: {missing}")
+        # scripts/setup installs every one of them: a missing tool is a broken setup, not a skip.
+        pytest.fail(f"missing tools (run scripts/setup --deps-only): {missing}")
     t = Internet(tmp_path_factory.mktemp("internet"))
     try:
         t.setup()
