@@ -86,6 +86,14 @@ Result<std::unique_ptr<SandboxNetwork>> SandboxNetwork::create(
 
 Status SandboxNetwork::start(const std::map<std::string, std::string>& secret_values) {
   const auto t0 = std::chrono::steady_clock::now();
+  auto last = t0;
+  std::string laps;
+  auto lap = [&](const char* what) {
+    auto now = std::chrono::steady_clock::now();
+    laps += fmt::format(" {}={}", what,
+                        std::chrono::duration_cast<std::chrono::microseconds>(now - last).count());
+    last = now;
+  };
   // Policy: the allow-list, widened by the secrets' hosts (secrets seal the sandbox, upstream's
   // rule), compiled before anything exists so that a bad pattern creates nothing.
   PolicyConfig pc;
@@ -127,11 +135,13 @@ Status SandboxNetwork::start(const std::map<std::string, std::string>& secret_va
         events_fd_, openFile(config_.events_path, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0600));
   }
   ML_ASSIGN_OR_RETURN(loop_, ev::Loop::create());
+  lap("prep");
 
   // The namespace and everything inside it. Its name was recorded as an owned resource (with the
   // TAP and the table) by whoever launched us, so a crash from here on is cleaned up by name.
   ML_RETURN_IF_ERROR(sys::createNetns(config_.names.netns));
   netns_created_ = true;
+  lap("netns");
   ML_ASSIGN_OR_RETURN(Fd ns, sys::openNetns(config_.names.netns));
   int efd = events_fd_.get();
   EventSink sink = [efd](const NetworkEvent& e) {
@@ -145,10 +155,12 @@ Status SandboxNetwork::start(const std::map<std::string, std::string>& secret_va
   };
   pins_ = std::make_unique<DnsPins>();
   auto inside = [&]() -> Status {
+    lap("setns");
     ML_RETURN_IF_ERROR(sys::loopbackUp());
-    ML_ASSIGN_OR_RETURN(tap_, sys::createTap(config_.names.tap));
+    ML_ASSIGN_OR_RETURN(tap_, sys::createTap(config_.names.tap, sys::TapLifetime::WithNamespace));
     ML_RETURN_IF_ERROR(
         sys::configureLink(config_.names.tap, config_.gateway, config_.prefix, config_.mtu));
+    lap("tap");
     // Sockets keep the namespace they are created in: these listen on the sandbox side, while
     // every upstream socket the proxy and the resolver open later (on their loop thread, which
     // never joins the namespace) dials out from the supervisor's own.
@@ -165,7 +177,10 @@ Status SandboxNetwork::start(const std::map<std::string, std::string>& secret_va
     rules.tap = config_.names.tap;
     rules.proxy_port = proxy_->address().port();
     rules.dns_port = resolver_->address().port();
-    return installRules(rules);
+    lap("listeners");
+    Status st = installRules(rules);
+    lap("nft");
+    return st;
   };
   ML_RETURN_IF_ERROR(sys::runInNetns(ns, inside));
   thread_ = std::thread([this] {
@@ -174,11 +189,12 @@ Status SandboxNetwork::start(const std::map<std::string, std::string>& secret_va
     }
   });
   ML_LOG(
-      net, info, "network {}: {} via {} (proxy {}, resolver {}) ready in {} us",
+      net, info, "network {}: {} via {} (proxy {}, resolver {}) ready in {} us ({} us)",
       config_.names.netns, config_.guest_ip, config_.gateway, proxy_->address().toString(),
       resolver_->address().toString(),
       std::chrono::duration_cast<std::chrono::microseconds>(std::chrono::steady_clock::now() - t0)
-          .count());
+          .count(),
+      laps);
   return ok();
 }
 
@@ -190,16 +206,27 @@ void SandboxNetwork::shutdown() {
   }
   proxy_.reset();
   resolver_.reset();
-  tap_.reset();
+  const auto t1 = std::chrono::steady_clock::now();
   if (netns_created_) {
+    // The TAP is persistent, so neither our fd nor the VMM's removes it (closing the last fd of
+    // a non-persistent TAP unregisters it synchronously: an RCU grace period, 10-20 ms on our
+    // clock). It goes with the namespace, which the kernel dismantles on its own workqueue once
+    // the bind mount and the listeners are gone.
     if (Status st = sys::deleteNetns(config_.names.netns); !st) {
       ML_LOG(net, warn, "removing namespace {}: {}", config_.names.netns, st.error().toString());
     }
     netns_created_ = false;
-    ML_LOG(
-        net, info, "network {}: removed in {} us", config_.names.netns,
-        std::chrono::duration_cast<std::chrono::microseconds>(std::chrono::steady_clock::now() - t0)
-            .count());
+  }
+  const auto t2 = std::chrono::steady_clock::now();
+  const bool had_tap = static_cast<bool>(tap_);
+  tap_.reset();
+  if (had_tap) {
+    auto us = [](auto d) {
+      return std::chrono::duration_cast<std::chrono::microseconds>(d).count();
+    };
+    const auto t3 = std::chrono::steady_clock::now();
+    ML_LOG(net, info, "network {}: removed in {} us (proxy={} netns={} tap={} us)",
+           config_.names.netns, us(t3 - t0), us(t1 - t0), us(t2 - t1), us(t3 - t2));
   }
 }
 

@@ -9,6 +9,9 @@
 #include <openssl/pem.h>
 #include <openssl/rand.h>
 #include <openssl/x509v3.h>
+#include <sys/stat.h>
+
+#include <cstdlib>
 
 #include "common/strings.h"
 #include "net/policy.h"
@@ -214,13 +217,26 @@ Result<SslCtxPtr> makeClientContext(const std::string& ca_file) {
   SSL_CTX_set_mode(ctx.get(), SSL_MODE_ENABLE_PARTIAL_WRITE | SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER |
                                   SSL_MODE_RELEASE_BUFFERS);
   SSL_CTX_set_verify(ctx.get(), SSL_VERIFY_PEER, nullptr);
-  if (!ca_file.empty()) {
-    if (SSL_CTX_load_verify_locations(ctx.get(), ca_file.c_str(), nullptr) != 1) {
-      return makeError(Errc::InvalidSpec,
-                       fmt::format("loading CA bundle {}: {}", ca_file, sslErrorString()));
+  // The system trust store, always, plus the extra bundle when there is one. The store is the
+  // hashed certificate directory, looked up lazily at verification time: parsing the whole
+  // system bundle up front costs tens of milliseconds per sandbox (and as much again to free).
+  // Without a hashed directory, the bundle file is loaded as a fallback.
+  const char* dir = std::getenv(X509_get_default_cert_dir_env());
+  if (dir == nullptr || *dir == '\0') {
+    dir = X509_get_default_cert_dir();
+  }
+  struct stat st {};
+  if (::stat(dir, &st) == 0 && S_ISDIR(st.st_mode)) {
+    if (SSL_CTX_load_verify_dir(ctx.get(), dir) != 1) {
+      return makeError(Errc::Internal,
+                       fmt::format("loading the system trust store {}: {}", dir, sslErrorString()));
     }
   } else if (SSL_CTX_set_default_verify_paths(ctx.get()) != 1) {
     return makeError(Errc::Internal, "loading the system trust store: " + sslErrorString());
+  }
+  if (!ca_file.empty() && SSL_CTX_load_verify_file(ctx.get(), ca_file.c_str()) != 1) {
+    return makeError(Errc::InvalidSpec,
+                     fmt::format("loading CA bundle {}: {}", ca_file, sslErrorString()));
   }
   static const unsigned char kAlpn[] = {8, 'h', 't', 't', 'p', '/', '1', '.', '1'};
   SSL_CTX_set_alpn_protos(ctx.get(), kAlpn, sizeof(kAlpn));

@@ -129,7 +129,7 @@ Status runInNetns(const Fd& netns, const std::function<Status()>& fn) {
   return result;
 }
 
-Result<Fd> createTap(const std::string& name) {
+Result<Fd> createTap(const std::string& name, TapLifetime lifetime) {
   Fd fd(::open("/dev/net/tun", O_RDWR | O_CLOEXEC));
   if (!fd) {
     return makeError(errno == ENOENT ? Errc::Unavailable : Errc::System, "opening /dev/net/tun",
@@ -140,6 +140,9 @@ Result<Fd> createTap(const std::string& name) {
   ifr.ifr_flags = IFF_TAP | IFF_NO_PI;
   if (::ioctl(fd.get(), TUNSETIFF, &ifr) != 0) {
     return makeError(Errc::System, fmt::format("TUNSETIFF {}", name), errno);
+  }
+  if (lifetime == TapLifetime::WithNamespace && ::ioctl(fd.get(), TUNSETPERSIST, 1) != 0) {
+    return makeError(Errc::System, fmt::format("TUNSETPERSIST {}", name), errno);
   }
   return fd;
 }

@@ -31,10 +31,16 @@ bool netnsExists(const std::string& name);
 /// whole life, whichever thread uses them later; the caller's thread stays where it is.
 [[nodiscard]] Status runInNetns(const Fd& netns, const std::function<Status()>& fn);
 
+enum class TapLifetime {
+  WithFd,         ///< removed when its last fd closes (synchronously: an RCU grace period)
+  WithNamespace,  ///< persistent: outlives its fds and goes with its namespace, which the kernel
+                  ///< dismantles on its own workqueue (only for a namespace made to hold it)
+};
+
 /// Creates the TAP device `name` (IFF_TAP | IFF_NO_PI) in the calling thread's namespace and
-/// returns its queue fd (non-blocking is left to the VMM). The device lives as long as an fd to it
-/// is open (it is not persistent), and goes with its namespace.
-[[nodiscard]] Result<Fd> createTap(const std::string& name);
+/// returns its queue fd (non-blocking is left to the VMM).
+[[nodiscard]] Result<Fd> createTap(const std::string& name,
+                                   TapLifetime lifetime = TapLifetime::WithFd);
 
 /// Sets `ifname`'s IPv4 address/prefix and MTU and brings it up (ioctl, in the calling thread's
 /// namespace). `address` is dotted IPv4.
