@@ -164,6 +164,8 @@ std::map<std::string, reconcile::Desired> desiredOf(const spec::Project& project
         d.blocked = values.error().message();
       } else if (auto hash = runtime::secretsHash(*values, !dry_run); hash && *hash) {
         d.secrets_hash = **hash;
+        d.secret_values =
+            std::make_shared<const std::map<std::string, std::string>>(std::move(*values));
       } else if (!hash) {
         d.blocked = hash.error().message();
       }
@@ -268,7 +270,9 @@ Result<PassResult> reconcileProject(const spec::Project& project, const UpOption
   po.force_recreate = o.force_recreate;
   po.no_recreate = o.no_recreate;
   po.only = std::set<std::string>(o.only.begin(), o.only.end());
-  // No layer updates a running VM yet: live-class changes recreate, and the plan says so.
+  // The network layer applies egress and secret changes to a running sandbox; the other
+  // live-class groups (ports) recreate until their layer can, and the plan says so.
+  po.live_supported = {"egress", "secrets"};
   reconcile::Plan plan = reconcile::plan(project.name, desired, observed, po);
 
   // Sandboxes still backing off after failures sit this pass out.

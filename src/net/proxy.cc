@@ -237,8 +237,8 @@ class Proxy::Connection {
     // HTTP/2 pass-through: only when nothing in the headers may need rewriting (no secrets), as
     // HPACK-coded headers are relayed untouched. The client's handshake is paused until the
     // upstream handshake tells us whether upstream speaks h2; the ALPN answer follows upstream.
-    if (denied_reason_.empty() && clientOffersH2(ssl) &&
-        (!proxy_.secrets_ || proxy_.secrets_->empty())) {
+    if (auto secrets = proxy_.secrets();
+        denied_reason_.empty() && clientOffersH2(ssl) && (!secrets || secrets->empty())) {
       alpn_probe_ = true;
       client_paused_ = true;
       connectUpstream();
@@ -821,8 +821,8 @@ class Proxy::Connection {
         reject(req, 405, "Method Not Allowed", "CONNECT is not supported", true);
         return;
       }
-      if (proxy_.secrets_) {
-        SubstitutionResult s = proxy_.secrets_->apply(&head, host_);
+      if (auto secrets = proxy_.secrets()) {
+        SubstitutionResult s = secrets->apply(&head, host_);
         if (s.blocked) {
           ML_LOG(proxy, warn,
                  "blocked request to {}: placeholder of secret {} sent to an "
@@ -876,7 +876,8 @@ class Proxy::Connection {
     NetworkEvent e = baseEvent(req.method, req.path, req.url);
     e.status_code = status;
     e.blocked = true;
-    e.block_reason = proxy_.secrets_ ? proxy_.secrets_->redact(reason) : reason;
+    auto secrets = proxy_.secrets();
+    e.block_reason = secrets ? secrets->redact(reason) : reason;
     emit(e);
     if (policy_block) {
       ML_LOG(proxy, info, "blocked {} {}: {}", req.method, host_, e.block_reason);
@@ -1151,7 +1152,7 @@ Result<std::unique_ptr<Proxy>> Proxy::create(ev::Loop& loop, ProxyOptions option
                                              EventSink sink) {
   std::unique_ptr<Proxy> p(new Proxy(loop, std::move(options)));
   p->policy_ = std::move(policy);
-  p->secrets_ = std::move(secrets);
+  p->secrets_.store(std::move(secrets));
   p->ca_ = std::move(ca);
   p->pins_ = pins;
   p->sink_ = std::move(sink);

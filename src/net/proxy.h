@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
 #pragma once
 
+#include <atomic>
 #include <chrono>
 #include <memory>
 #include <string>
@@ -54,6 +55,11 @@ class Proxy {
   ~Proxy();
 
   sys::SockAddr address() const { return address_; }
+  /// The secrets now in force; each request takes one snapshot.
+  std::shared_ptr<const SecretSet> secrets() const { return secrets_.load(); }
+  /// Replaces the secrets (rotated values, other hosts) from any thread, effective from the next
+  /// request. Callers keep the placeholders the guest already holds.
+  void setSecrets(std::shared_ptr<const SecretSet> secrets) { secrets_.store(std::move(secrets)); }
   size_t connectionCount() const { return connections_.size(); }
 
   class Connection;
@@ -68,7 +74,7 @@ class Proxy {
   ev::Loop& loop_;
   ProxyOptions options_;
   std::shared_ptr<PolicyStore> policy_;
-  std::shared_ptr<const SecretSet> secrets_;
+  std::atomic<std::shared_ptr<const SecretSet>> secrets_;
   std::shared_ptr<CertAuthority> ca_;
   DnsPins* pins_ = nullptr;
   EventSink sink_;

@@ -9,6 +9,7 @@
 #include <chrono>
 #include <cstring>
 
+#include "common/fault.h"
 #include "common/log.h"
 #include "net/dns.h"
 #include "net/nft.h"
@@ -24,6 +25,45 @@ namespace {
 
 std::string idHex(const std::string& sandbox_id) {
   return sandbox_id.starts_with("vm-") ? sandbox_id.substr(3) : sandbox_id;
+}
+
+/// The policy and the secrets of a sandbox: the allow-list, widened by the secrets' hosts
+/// (secrets seal the sandbox, upstream's rule). A secret keeps the placeholder it has in
+/// `placeholders` (the guest holds it); one without gets a fresh one, added there.
+struct Egress {
+  Policy policy;
+  std::vector<Secret> secrets;
+};
+Result<Egress> compileEgress(const NetworkConfig& config,
+                             const std::map<std::string, std::string>& secret_values,
+                             std::map<std::string, std::string>& placeholders) {
+  PolicyConfig pc;
+  pc.allow_hosts = config.allow_hosts;
+  pc.block_private_ips = config.block_private_ips;
+  std::vector<Secret> secrets;
+  for (const SecretBinding& b : config.secrets) {
+    auto it = secret_values.find(b.name);
+    if (it == secret_values.end()) {
+      return makeError(Errc::Internal, fmt::format("secret {}: no value was handed over", b.name));
+    }
+    Secret s;
+    s.name = b.name;
+    s.value = it->second;
+    s.hosts = b.hosts;
+    auto& placeholder = placeholders[s.name];
+    if (placeholder.empty()) {
+      placeholder = generatePlaceholder();
+    }
+    s.placeholder = placeholder;
+    for (const std::string& h : b.hosts) {
+      if (std::find(pc.allow_hosts.begin(), pc.allow_hosts.end(), h) == pc.allow_hosts.end()) {
+        pc.allow_hosts.push_back(h);
+      }
+    }
+    secrets.push_back(std::move(s));
+  }
+  ML_ASSIGN_OR_RETURN(Policy policy, Policy::compile(pc));
+  return Egress{std::move(policy), std::move(secrets)};
 }
 
 }  // namespace
@@ -94,33 +134,10 @@ Status SandboxNetwork::start(const std::map<std::string, std::string>& secret_va
                         std::chrono::duration_cast<std::chrono::microseconds>(now - last).count());
     last = now;
   };
-  // Policy: the allow-list, widened by the secrets' hosts (secrets seal the sandbox, upstream's
-  // rule), compiled before anything exists so that a bad pattern creates nothing.
-  PolicyConfig pc;
-  pc.allow_hosts = config_.allow_hosts;
-  pc.block_private_ips = config_.block_private_ips;
-  std::vector<Secret> secrets;
-  for (const SecretBinding& b : config_.secrets) {
-    auto it = secret_values.find(b.name);
-    if (it == secret_values.end()) {
-      return makeError(Errc::Internal, fmt::format("secret {}: no value was handed over", b.name));
-    }
-    Secret s;
-    s.name = b.name;
-    s.value = it->second;
-    s.hosts = b.hosts;
-    s.placeholder = generatePlaceholder();
-    placeholders_[s.name] = s.placeholder;
-    for (const std::string& h : b.hosts) {
-      if (std::find(pc.allow_hosts.begin(), pc.allow_hosts.end(), h) == pc.allow_hosts.end()) {
-        pc.allow_hosts.push_back(h);
-      }
-    }
-    secrets.push_back(std::move(s));
-  }
-  ML_ASSIGN_OR_RETURN(Policy policy, Policy::compile(pc));
-  policy_ = std::make_shared<PolicyStore>(std::move(policy));
-  auto secret_set = std::make_shared<const SecretSet>(std::move(secrets));
+  // Policy and secrets, compiled before anything exists so that a bad pattern creates nothing.
+  ML_ASSIGN_OR_RETURN(Egress egress, compileEgress(config_, secret_values, placeholders_));
+  policy_ = std::make_shared<PolicyStore>(std::move(egress.policy));
+  auto secret_set = std::make_shared<const SecretSet>(std::move(egress.secrets));
   ML_ASSIGN_OR_RETURN(ca_, CertAuthority::generate());
   std::vector<sys::SockAddr> upstreams;
   for (const std::string& server : config_.dns_servers) {
@@ -141,6 +158,7 @@ Status SandboxNetwork::start(const std::map<std::string, std::string>& secret_va
   // TAP and the table) by whoever launched us, so a crash from here on is cleaned up by name.
   ML_RETURN_IF_ERROR(sys::createNetns(config_.names.netns));
   netns_created_ = true;
+  faultPoint("network:netns");
   lap("netns");
   ML_ASSIGN_OR_RETURN(Fd ns, sys::openNetns(config_.names.netns));
   int efd = events_fd_.get();
@@ -160,6 +178,7 @@ Status SandboxNetwork::start(const std::map<std::string, std::string>& secret_va
     ML_ASSIGN_OR_RETURN(tap_, sys::createTap(config_.names.tap, sys::TapLifetime::WithNamespace));
     ML_RETURN_IF_ERROR(
         sys::configureLink(config_.names.tap, config_.gateway, config_.prefix, config_.mtu));
+    faultPoint("network:tap");
     lap("tap");
     // Sockets keep the namespace they are created in: these listen on the sandbox side, while
     // every upstream socket the proxy and the resolver open later (on their loop thread, which
@@ -179,6 +198,7 @@ Status SandboxNetwork::start(const std::map<std::string, std::string>& secret_va
     rules.dns_port = resolver_->address().port();
     lap("listeners");
     Status st = installRules(rules);
+    faultPoint("network:nft");
     lap("nft");
     return st;
   };
@@ -253,28 +273,106 @@ std::map<std::string, std::string> SandboxNetwork::guestEnv() const {
   return env;
 }
 
-std::optional<nlohmann::json> SandboxNetwork::handleControl(const nlohmann::json& request) {
-  if (request.value("op", "") != "allow_list") {
-    return std::nullopt;
+Status SandboxNetwork::update(const EgressUpdate& update) {
+  std::vector<std::string> added;
+  std::vector<std::string> removed;
+  for (const SecretBinding& b : update.secrets) {
+    if (!placeholders_.contains(b.name)) {
+      added.push_back(b.name);
+    }
   }
-  const std::string action = request.value("action", "list");
-  std::vector<std::string> hosts;
-  if (auto h = request.find("hosts"); h != request.end() && h->is_array()) {
+  for (const auto& [name, placeholder] : placeholders_) {
+    if (std::none_of(update.secrets.begin(), update.secrets.end(),
+                     [&](const SecretBinding& b) { return b.name == name; })) {
+      removed.push_back(name);
+    }
+  }
+  if (!added.empty() || !removed.empty()) {
+    return makeError(
+        Errc::Conflict,
+        fmt::format("the set of secrets changed (added: {}; removed: {}): the guest holds "
+                    "placeholders only for the secrets it booted with, so this needs a recreate",
+                    added.empty() ? "-" : fmt::format("{}", fmt::join(added, ", ")),
+                    removed.empty() ? "-" : fmt::format("{}", fmt::join(removed, ", "))));
+  }
+  NetworkConfig next = config_;
+  next.allow_hosts = update.allow_hosts;
+  next.block_private_ips = update.block_private_ips;
+  next.secrets = update.secrets;
+  std::map<std::string, std::string> placeholders = placeholders_;
+  ML_ASSIGN_OR_RETURN(Egress egress, compileEgress(next, update.values, placeholders));
+  // Secrets first: a request between the two stores sees the new values under the old policy,
+  // never an old value sent to a host the new policy no longer allows for it (the secret set
+  // carries its own hosts).
+  proxy_->setSecrets(std::make_shared<const SecretSet>(std::move(egress.secrets)));
+  policy_->replace(std::move(egress.policy));
+  config_ = std::move(next);
+  ML_LOG(net, info,
+         "network {}: egress updated ({} allow-list entries, private ranges {}, {} "
+         "secrets)",
+         config_.names.netns, config_.allow_hosts.size(),
+         config_.block_private_ips ? "blocked" : "allowed", config_.secrets.size());
+  return ok();
+}
+
+namespace {
+
+std::vector<std::string> stringList(const nlohmann::json& request, const char* key) {
+  std::vector<std::string> out;
+  if (auto h = request.find(key); h != request.end() && h->is_array()) {
     for (const auto& v : *h) {
       if (v.is_string()) {
-        hosts.push_back(v.get<std::string>());
+        out.push_back(v.get<std::string>());
       }
     }
   }
+  return out;
+}
+
+nlohmann::json failure(const std::string& message) {
+  return nlohmann::json{{"ok", false}, {"error", message}};
+}
+
+}  // namespace
+
+std::optional<nlohmann::json> SandboxNetwork::handleControl(const nlohmann::json& request) {
+  const std::string op = request.value("op", "");
+  if (op == "network_update") {
+    EgressUpdate u;
+    u.allow_hosts = stringList(request, "allow_hosts");
+    auto bp = request.find("block_private_ips");
+    u.block_private_ips = bp == request.end() || !bp->is_boolean() || bp->get<bool>();
+    if (auto list = request.find("secrets"); list != request.end() && list->is_array()) {
+      for (const auto& s : *list) {
+        auto name = s.find("name");
+        auto value = s.find("value");
+        if (!s.is_object() || name == s.end() || !name->is_string() || value == s.end() ||
+            !value->is_string()) {
+          return failure("network_update: each secret needs a string name and value");
+        }
+        u.secrets.push_back(SecretBinding{name->get<std::string>(), stringList(s, "hosts")});
+        u.values[name->get<std::string>()] = value->get<std::string>();
+      }
+    }
+    if (Status st = update(u); !st) {
+      return failure(st.error().message());
+    }
+    return nlohmann::json{{"ok", true}, {"allow_hosts", policy_->snapshot()->config().allow_hosts}};
+  }
+  if (op != "allow_list") {
+    return std::nullopt;
+  }
+  const std::string action = request.value("action", "list");
+  std::vector<std::string> hosts = stringList(request, "hosts");
   nlohmann::json reply = {{"ok", true}};
   if (action == "add" || action == "delete") {
     auto changed = action == "add" ? policy_->addHosts(hosts) : policy_->deleteHosts(hosts);
     if (!changed) {
-      return nlohmann::json{{"ok", false}, {"error", changed.error().message()}};
+      return failure(changed.error().message());
     }
     reply[action == "add" ? "added" : "removed"] = *changed;
   } else if (action != "list") {
-    return nlohmann::json{{"ok", false}, {"error", fmt::format("unknown action '{}'", action)}};
+    return failure(fmt::format("unknown action '{}'", action));
   }
   reply["allow_hosts"] = policy_->snapshot()->config().allow_hosts;
   return reply;

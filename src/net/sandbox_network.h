@@ -58,6 +58,16 @@ struct NetworkConfig {
 nlohmann::json toJson(const NetworkConfig& config);
 Result<NetworkConfig> networkConfigFromJson(const nlohmann::json& j);
 
+/// What `up` changes in a running sandbox's network (docs/egress.md "Live changes"): the whole
+/// allow-list (replacing `allow-list add/delete` edits), private-range blocking and the secrets'
+/// hosts and values. The set of secret names cannot change (the guest holds their placeholders).
+struct EgressUpdate {
+  std::vector<std::string> allow_hosts;
+  bool block_private_ips = true;
+  std::vector<SecretBinding> secrets;
+  std::map<std::string, std::string> values;  ///< name -> value; never logged or echoed
+};
+
 /// One sandbox's network, owned by its supervisor (docs/egress.md "Sandbox plumbing"): a named
 /// network namespace holding the TAP that the VMM is handed and the nftables table that steers
 /// all guest TCP to the transparent proxy and DNS to the sandbox resolver; the proxy and the
@@ -86,8 +96,14 @@ class SandboxNetwork {
   /// The environment every guest process gets: the CA bundle variables and the placeholders.
   std::map<std::string, std::string> guestEnv() const;
 
+  /// Applies `update`, effective from the next connection (and, for secrets, the next request).
+  /// All or nothing: a bad pattern or a changed set of secret names changes nothing.
+  [[nodiscard]] Status update(const EgressUpdate& update);
+
   /// The control-socket verbs this layer serves: `{"op":"allow_list","action":"add"|"delete"|
-  /// "list","hosts":[...]}`. nullopt when `request` is not one of them.
+  /// "list","hosts":[...]}` and `{"op":"network_update","allow_hosts":[...],
+  /// "block_private_ips":b,"secrets":[{"name","hosts","value"}]}`. nullopt when `request` is not
+  /// one of them.
   std::optional<nlohmann::json> handleControl(const nlohmann::json& request);
 
  private:

@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <functional>
+#include <ranges>
 
 #include "common/strings.h"
 #include "spec/normalize.h"
@@ -206,7 +207,10 @@ std::map<std::string, std::vector<std::string>> diffSpecs(const SandboxSpec& a,
       after[s.name] = s;
     }
     std::string d = keyDiff(before, after);
-    out["secrets"].push_back("secrets: " + (d.empty() ? "reordered" : d));
+    const bool names_changed =
+        !std::ranges::equal(std::views::keys(before), std::views::keys(after));
+    out[names_changed ? "secret_names" : "secrets"].push_back("secrets: " +
+                                                              (d.empty() ? "reordered" : d));
   }
 
   if (a.ports != b.ports) {

@@ -2,6 +2,7 @@
 #pragma once
 
 #include <map>
+#include <memory>
 #include <optional>
 #include <set>
 #include <string>
@@ -50,6 +51,9 @@ struct Desired {
   /// Manifest digest the image reference resolves to in the local store (empty: not pulled yet,
   /// or unknown). A change against Observed::image_digest recreates with "image digest changed".
   std::string image_digest;
+  /// The secret values read for the hash, kept so that a launch or a live update uses the very
+  /// values that were hashed (and secret commands run once). In memory only: never logged.
+  std::shared_ptr<const std::map<std::string, std::string>> secret_values;
   /// Set when the sandbox cannot be (re)started as declared (e.g. a secret's source is missing).
   /// The planner plans as usual; apply() fails such an action, if it has to start anything, with
   /// this message and leaves the other sandboxes alone.

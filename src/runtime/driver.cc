@@ -5,8 +5,10 @@
 
 #include <nlohmann/json.hpp>
 
+#include "common/fault.h"
 #include "common/log.h"
 #include "image/store.h"
+#include "runtime/secrets.h"
 #include "spec/decode.h"
 
 namespace matchlock::runtime {
@@ -96,9 +98,10 @@ Status SandboxDriver::apply(const reconcile::Action& action, const reconcile::De
     case reconcile::ActionKind::Remove:
       return removeOrphan(action.sandbox);
     case reconcile::ActionKind::UpdateLive:
-      return makeError(Errc::Internal,
-                       fmt::format("{}: no layer can update {} live yet", action.sandbox,
-                                   fmt::join(action.live_groups, ", ")));
+      if (desired == nullptr) {
+        return makeError(Errc::Internal, fmt::format("{}: no desired spec", action.sandbox));
+      }
+      return update(action, *desired);
     case reconcile::ActionKind::Create:
     case reconcile::ActionKind::Recreate:
     case reconcile::ActionKind::Start:
@@ -143,6 +146,7 @@ Status SandboxDriver::start(const reconcile::Action& action, const reconcile::De
   if (!desired.secrets_hash.empty()) {
     lo.secrets_hash = desired.secrets_hash;
   }
+  lo.secret_values = desired.secret_values.get();
   lo.image_digest = prepared->record.manifest_digest;
   std::optional<std::string> id;
   if (existing) {
@@ -151,6 +155,28 @@ Status SandboxDriver::start(const reconcile::Action& action, const reconcile::De
   ML_ASSIGN_OR_RETURN(std::string launched, launch(store, spec, *prepared, boot, lo, id));
   ML_LOG(runtime, info, "{}/{}: supervisor started for {}", options_.project, spec.name, launched);
   return ok();
+}
+
+Status SandboxDriver::update(const reconcile::Action& action, const reconcile::Desired& desired) {
+  if (!desired.blocked.empty()) {
+    return makeError(Errc::Unavailable, fmt::format("{}: {}", action.sandbox, desired.blocked));
+  }
+  ML_ASSIGN_OR_RETURN(auto store, state::Store::openDefault());
+  ML_ASSIGN_OR_RETURN(auto existing, store.findSandbox(options_.project, action.sandbox));
+  if (!existing) {
+    return makeError(Errc::NotFound, fmt::format("sandbox {} has no record", action.sandbox));
+  }
+  std::map<std::string, std::string> values;
+  if (desired.secret_values) {
+    values = *desired.secret_values;
+  } else if (!desired.spec.secrets.empty()) {
+    ML_ASSIGN_OR_RETURN(values, resolveSecretValues(desired.spec));
+  }
+  std::optional<std::string> hash;
+  if (!desired.secrets_hash.empty()) {
+    hash = desired.secrets_hash;
+  }
+  return updateLive(store, *existing, desired.spec, action.live_groups, values, hash);
 }
 
 Status SandboxDriver::removeOrphan(const std::string& name) {

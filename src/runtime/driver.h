@@ -43,6 +43,7 @@ class SandboxDriver final : public reconcile::Driver {
  private:
   Result<BootAssets> assets();
   Status start(const reconcile::Action& action, const reconcile::Desired& desired);
+  Status update(const reconcile::Action& action, const reconcile::Desired& desired);
   Status removeOrphan(const std::string& name);
 
   DriverOptions options_;

@@ -6,6 +6,7 @@
 #include <sys/random.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
@@ -13,6 +14,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "common/fault.h"
 #include "common/fd.h"
 #include "common/log.h"
 #include "common/paths.h"
@@ -184,14 +186,6 @@ ExecDefaults execDefaults(const state::SandboxRecord& record) {
     d.user = user;
   }
   return d;
-}
-
-void faultPoint(std::string_view point) {
-  const char* fault = std::getenv("MATCHLOCK_FAULT");
-  if (fault != nullptr && point == fault) {
-    ML_LOG(runtime, warn, "MATCHLOCK_FAULT={}: killing this process", point);
-    (void)::kill(::getpid(), SIGKILL);
-  }
 }
 
 Result<std::string> launch(state::Store& store, const spec::SandboxSpec& spec,
@@ -534,6 +528,60 @@ void killProcesses(state::Store& store, const state::SandboxRecord& r) {
     }
     std::this_thread::sleep_for(std::chrono::milliseconds(5));
   }
+}
+
+Status updateLive(state::Store& store, const state::SandboxRecord& record,
+                  const spec::SandboxSpec& spec, const std::vector<std::string>& groups,
+                  const std::map<std::string, std::string>& secret_values,
+                  const std::optional<std::string>& secrets_hash) {
+  // A sandbox without a network has no egress to change (the spec forbids allow_hosts and
+  // secrets there): its change is only recorded.
+  const bool egress =
+      !spec.network.no_network && std::ranges::any_of(groups, [](const std::string& g) {
+        return g == "egress" || g == "secrets";
+      });
+  if (egress) {
+    nlohmann::json secrets = nlohmann::json::array();
+    for (const auto& sec : spec.secrets) {
+      auto it = secret_values.find(sec.name);
+      if (it == secret_values.end()) {
+        return makeError(Errc::Internal,
+                         fmt::format("sandbox {}: secret {} has no value", record.name, sec.name));
+      }
+      secrets.push_back({{"name", sec.name}, {"hosts", sec.hosts}, {"value", it->second}});
+    }
+    nlohmann::json req = {{"op", "network_update"},
+                          {"allow_hosts", spec.network.allow_hosts},
+                          {"block_private_ips", spec.network.block_private_ips},
+                          {"secrets", std::move(secrets)}};
+    ML_ASSIGN_OR_RETURN(std::string root, runRoot());
+    ML_ASSIGN_OR_RETURN(std::string line,
+                        controlRequestLine(supervisor::controlSocketPath(runDirOf(root, record.id)),
+                                           req.dump(), 5000));
+    auto reply = nlohmann::json::parse(line, nullptr, false);
+    if (!reply.is_object() || !reply.value("ok", false)) {
+      return makeError(
+          Errc::Unavailable,
+          fmt::format("sandbox {}: live egress update refused: {}", record.name,
+                      reply.is_object() ? reply.value("error", "no reason given") : line));
+    }
+    faultPoint("update:sent");
+  }
+  state::SandboxSpecUpdate applied;
+  applied.source_file = record.source_file;
+  if (!spec.source_file.empty()) {
+    std::error_code ec;
+    applied.source_file = fs::absolute(spec.source_file, ec).string();
+  }
+  applied.spec_json = spec::toJson(spec).dump();
+  applied.spec_hash = spec::specHash(spec);
+  applied.group_hashes = spec::groupHashes(spec);
+  applied.secrets_hash = secrets_hash;
+  applied.image_digest = record.image_digest;
+  ML_ASSIGN_OR_RETURN(int64_t generation, store.updateSandboxSpec(record.id, applied));
+  ML_LOG(runtime, info, "sandbox {}: {} applied live (generation {})", record.name,
+         fmt::join(groups, ", "), generation);
+  return ok();
 }
 
 void stop(state::Store& store, const state::SandboxRecord& r, const std::string& run_root) {

@@ -93,6 +93,17 @@ struct LaunchOptions {
                                          const BootAssets& assets, const LaunchOptions& options,
                                          const std::optional<std::string>& existing_id = {});
 
+/// Applies a live change (`up`'s `~ update`) to a running sandbox without restarting it: for the
+/// `egress` and `secrets` groups its supervisor swaps the allow-list, private-range blocking and
+/// the secrets' hosts and values (`secret_values`, sent over the control socket only); `meta` is
+/// only recorded. Then the record takes `spec` as its applied spec (next generation, same
+/// supervisor). On failure the record keeps its old spec, so the next `up` tries again.
+[[nodiscard]] Status updateLive(state::Store& store, const state::SandboxRecord& record,
+                                const spec::SandboxSpec& spec,
+                                const std::vector<std::string>& groups,
+                                const std::map<std::string, std::string>& secret_values,
+                                const std::optional<std::string>& secrets_hash);
+
 /// Waits (bounded by `timeout`) until the sandbox's guest is ready. Unavailable with the recorded
 /// reason when it failed, crashed or its supervisor died.
 [[nodiscard]] Status waitReady(state::Store& store, const std::string& id,
@@ -131,9 +142,5 @@ void killProcesses(state::Store& store, const state::SandboxRecord& record);
 
 /// A sandbox by id, `project/name`, or a name that only one project uses.
 [[nodiscard]] Result<state::SandboxRecord> findSandbox(state::Store& store, const std::string& ref);
-
-/// Crash-test hook: when MATCHLOCK_FAULT names `point`, the process SIGKILLs itself there, so
-/// acceptance tests can prove that every step is recoverable. A no-op otherwise.
-void faultPoint(std::string_view point);
 
 }  // namespace matchlock::runtime

@@ -3,6 +3,7 @@
 
 #include <cmath>
 #include <regex>
+#include <set>
 
 #include <yaml-cpp/yaml.h>
 
@@ -231,13 +232,28 @@ std::string toYaml(const OJson& v) {
   return text;
 }
 
+namespace {
+
+/// The guest holds a placeholder per secret name, so adding or removing one recreates, while new
+/// hosts or values of the same secrets apply live.
+OJson secretNames(const SandboxSpec& s) {
+  std::set<std::string> names;
+  for (const auto& sec : s.secrets) {
+    names.insert(sec.name);
+  }
+  return OJson(names);
+}
+
+}  // namespace
+
 const std::vector<FieldGroup>& fieldGroups() {
   static const std::vector<FieldGroup> kGroups = {
-      {"image", ChangeClass::Recreate},  {"resources", ChangeClass::Recreate},
-      {"env", ChangeClass::Recreate},    {"process", ChangeClass::Recreate},
-      {"mounts", ChangeClass::Recreate}, {"network_config", ChangeClass::Recreate},
-      {"egress", ChangeClass::Live},     {"secrets", ChangeClass::Live},
-      {"ports", ChangeClass::Live},      {"meta", ChangeClass::Ignored},
+      {"image", ChangeClass::Recreate},        {"resources", ChangeClass::Recreate},
+      {"env", ChangeClass::Recreate},          {"process", ChangeClass::Recreate},
+      {"mounts", ChangeClass::Recreate},       {"network_config", ChangeClass::Recreate},
+      {"egress", ChangeClass::Live},           {"secrets", ChangeClass::Live},
+      {"secret_names", ChangeClass::Recreate}, {"ports", ChangeClass::Live},
+      {"meta", ChangeClass::Ignored},
   };
   return kGroups;
 }
@@ -267,6 +283,7 @@ std::map<std::string, std::string> groupHashes(const SandboxSpec& s) {
       {"network_config", net_config},
       {"egress", egress},
       {"secrets", listJson(s.secrets, secretJson)},
+      {"secret_names", secretNames(s)},
       {"ports", listJson(s.ports, portJson)},
       {"meta", meta},
   };

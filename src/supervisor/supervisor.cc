@@ -747,13 +747,15 @@ void Supervisor::onClient(Client* c, uint32_t events) {
 void Supervisor::handleRequest(Client* c, const nlohmann::json& req) {
   std::string op = req.value("op", "");
   // Each layer serves its own verbs.
-  if (op == "allow_list") {
-    nlohmann::json reply =
-        network_ ? network_->handleControl(req).value_or(nlohmann::json{{"ok", false}})
-                 : nlohmann::json{
-                       {"ok", false},
-                       {"error", "allow-list updates unavailable: the sandbox has no network"}};
-    c->out += reply.dump() + "\n";
+  std::optional<nlohmann::json> layer_reply;
+  if (network_) {
+    layer_reply = network_->handleControl(req);
+  } else if (op == "allow_list" || op == "network_update") {
+    layer_reply = nlohmann::json{
+        {"ok", false}, {"error", "egress updates unavailable: the sandbox has no network"}};
+  }
+  if (layer_reply) {
+    c->out += layer_reply->dump() + "\n";
     c->closing = true;
     pumpClient(c);
     return;

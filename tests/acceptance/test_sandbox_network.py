@@ -305,3 +305,198 @@ def test_sigkill_leaves_no_netns_tap_table_or_subnet(internet, agent_image, kern
     finally:
         db.close()
     assert "ml_" not in run(["nft", "list", "tables"]).stdout  # never in the host namespace
+
+
+UP_SPEC = """
+name = "{project}"
+[sandboxes.web]
+image = "agent:latest"
+[sandboxes.web.network]
+allow_hosts = {allow}
+block_private_ips = {block}
+dns_servers = ["{dns}"]
+upstream_ca = "{ca}"
+[[sandboxes.web.secrets]]
+name = "API_KEY"
+from_file = "key.txt"
+hosts = ["allowed.test"]
+{extra}"""
+
+
+class Project:
+    """A one-sandbox project (`web`) applied with `up` inside the router namespace."""
+
+    def __init__(self, internet, agent_image, tmp_path, name):
+        home, binary = agent_image
+        self.sb = Sandbox(internet, home, binary)
+        self.dir = tmp_path
+        self.name = name
+        self.spec = tmp_path / "sandbox.toml"
+
+    def write(self, allow=("allowed.test",), block=True, key="sk-first-1a2b", extra=""):
+        (self.dir / "key.txt").write_text(key + "\n")
+        self.spec.write_text(UP_SPEC.format(
+            project=self.name, allow=json.dumps(list(allow)), block=str(block).lower(),
+            dns=DNS_IP, ca=self.sb.internet.test_ca, extra=extra))
+
+    def up(self, *args, env=None, check=True):
+        p = self.sb.ml("up", "-f", self.spec, *args, env=env, timeout=300)
+        if check:
+            assert p.returncode == 0, p.stdout + p.stderr
+        return p
+
+    def record(self):
+        import sqlite3
+        db = sqlite3.connect(str(self.sb.home / "state.db"))
+        try:
+            return db.execute("select id, supervisor_pid, generation from sandboxes where "
+                              "project=? and name='web'", (self.name,)).fetchone()
+        finally:
+            db.close()
+
+    def attach(self):
+        self.sb.id = self.record()[0]
+        return self.sb
+
+
+def secret_seen(sb, path):
+    p = sb.sh(f"curl -sS -m 10 -o /dev/null -H \"Authorization: Bearer $API_KEY\" "
+              f"https://allowed.test/{path}")
+    assert "SANDBOX_SECRET_" not in p.stderr
+    return [r for r in sb.internet.server_requests() if r["path"] == f"/{path}"][-1][
+        "headers"]["Authorization"]
+
+
+def test_up_applies_egress_and_secret_changes_live(internet, agent_image, kernel, tmp_path):
+    """`up` changes allow_hosts, block_private_ips and a secret's value in a running sandbox
+    (`~ update`, same supervisor), effective on the next request; a new secret recreates."""
+    proj = Project(internet, agent_image, tmp_path, "live")
+    proj.write()
+    proj.up("--wait")
+    sb = proj.attach()
+    try:
+        _, pid, gen = proj.record()
+        assert secret_seen(sb, "rot1") == "Bearer sk-first-1a2b"
+        code, body = curl(sb, "https://private.test/")
+        assert code in ("000", "403"), (code, body)
+
+        proj.write(allow=("allowed.test", "private.test"), block=False, key="sk-second-3c4d")
+        p = proj.up("--wait")
+        assert "~ update web" in p.stdout, p.stdout
+        for reason in ("allow_hosts: +private.test", "block_private_ips: true → false",
+                       "secret values rotated"):
+            assert reason in p.stdout, p.stdout
+        assert "sk-" not in p.stdout + p.stderr
+        _, pid2, gen2 = proj.record()
+        assert pid2 == pid and gen2 == gen + 1
+        assert secret_seen(sb, "rot2") == "Bearer sk-second-3c4d"
+        code, body = curl(sb, "https://private.test/")
+        assert code == "200", (code, body)
+        # Nothing left to do, and nothing of either value anywhere on disk.
+        assert proj.up("--detailed-exitcode").returncode == 0
+        db = (sb.home / "state.db").read_bytes()
+        assert b"sk-first" not in db and b"sk-second" not in db
+        for log in (sb.home / "run" / sb.id).glob("*.log"):
+            assert "sk-second" not in log.read_text(errors="replace"), log
+
+        # Private ranges blocked again: refused although the name stays allowed.
+        proj.write(allow=("allowed.test", "private.test"), block=True, key="sk-second-3c4d")
+        assert "~ update web" in proj.up().stdout
+        code, body = curl(sb, "https://private.test/")
+        assert code in ("000", "403"), (code, body)
+
+        # A new secret needs a placeholder in the guest's env: that recreates.
+        proj.write(key="sk-second-3c4d", extra="""[[sandboxes.web.secrets]]
+name = "OTHER"
+from_file = "key.txt"
+hosts = ["allowed.test"]
+""")
+        p = sb.ml("plan", "-f", proj.spec)
+        assert "-/+ recreate web" in p.stdout and "secrets: +OTHER" in p.stdout, p.stdout
+        assert proj.record()[1] == pid
+    finally:
+        sb.ml("down", "-p", "live", timeout=120)
+
+
+def namespaces():
+    return {n for n in run(["ip", "netns", "list"]).stdout.split() if n.startswith("ml-")}
+
+
+def assert_no_network_leaks(home, before):
+    """Exactly the recorded sandboxes' namespaces (each with its TAP and table only) and subnet
+    rows exist, besides the namespaces that were there before the test."""
+    import sqlite3
+    db = sqlite3.connect(str(home / "state.db"))
+    try:
+        live = {r[0] for r in db.execute("select id from sandboxes")}
+        subnets = {r[0] for r in db.execute("select sandbox_id from subnets")}
+        assert subnets == live, (subnets, live)
+        assert db.execute("select count(*) from owned_resources where sandbox_id not in "
+                          "(select id from sandboxes)").fetchone()[0] == 0
+        # Every network object on record is made, none half-made or orphaned.
+        assert db.execute("select count(*) from owned_resources where kind in "
+                          "('netns','tap','nft_table') and state != 'created'").fetchone()[0] == 0
+    finally:
+        db.close()
+    want = {f"ml-{i[3:11]}" for i in live}
+    assert namespaces() - before == want - before, (namespaces(), want)
+    for ns in want - before:
+        links = run(["ip", "-n", ns, "-o", "link"]).stdout
+        assert len(links.splitlines()) == 2 and f" ml{ns[3:]}:" in links, links
+        tables = run(["ip", "netns", "exec", ns, "nft", "list", "tables"]).stdout
+        assert tables.split() == ["table", "inet", f"ml_{ns[3:]}"], tables
+    assert ": ml" not in run(["ip", "-o", "link"]).stdout
+    assert "ml_" not in run(["nft", "list", "tables"]).stdout
+
+
+def wait_supervisor_gone(proj):
+    for _ in range(300):
+        rec = proj.record()
+        if rec and rec[1]:
+            try:
+                os.kill(rec[1], 0)
+            except ProcessLookupError:
+                return
+        time.sleep(0.1)
+    raise AssertionError(f"the supervisor did not die: {proj.record()}")
+
+
+def test_sigkill_of_up_and_supervisor_at_each_network_step(internet, agent_image, kernel,
+                                                           tmp_path):
+    """SIGKILL of `up` (subnet allocated, intents recorded, live update sent) and of the
+    supervisor (namespace made, TAP made, table installed), then `up`: it converges with one
+    sandbox and exactly its network objects; `down` leaves none."""
+    import signal
+    proj = Project(internet, agent_image, tmp_path, "faults")
+    home = proj.sb.home
+    before = namespaces()
+    proj.write()
+    proj.up("--wait")
+    try:
+        for fault in ("launch:subnet", "launch:intents", "network:netns", "network:tap",
+                      "network:nft"):
+            p = proj.up("--force-recreate", env={"MATCHLOCK_FAULT": fault}, check=False)
+            if fault.startswith("launch:"):
+                assert p.returncode == -signal.SIGKILL, (fault, p.stdout, p.stderr)
+            else:  # the supervisor dies; `up` itself returned once it was recorded
+                assert p.returncode == 0, (fault, p.stdout, p.stderr)
+                wait_supervisor_gone(proj)
+            p = proj.up("--wait")
+            assert "-/+ recreate web" in p.stdout, (fault, p.stdout)
+            assert_no_network_leaks(home, before)
+            assert proj.up("--detailed-exitcode").returncode == 0, fault
+        # A live update sent, `up` killed before it recorded the new spec: the next `up` sends
+        # it again (idempotent) and records it; the supervisor stays.
+        pid = proj.record()[1]
+        proj.write(allow=("allowed.test", "late.test"))
+        p = proj.up(env={"MATCHLOCK_FAULT": "update:sent"}, check=False)
+        assert p.returncode == -signal.SIGKILL, p.stdout + p.stderr
+        p = proj.up()
+        assert "~ update web" in p.stdout, p.stdout
+        assert proj.record()[1] == pid
+        assert proj.up("--detailed-exitcode").returncode == 0
+        assert_no_network_leaks(home, before)
+    finally:
+        proj.sb.ml("down", "-p", "faults", timeout=120)
+    assert namespaces() == before
+    assert_no_network_leaks(home, before)

@@ -166,6 +166,30 @@ TEST_CASE("secret rotation is detected from the keyed hash, not values") {
   CHECK(not_live.actions[0].kind == ActionKind::Recreate);
 }
 
+TEST_CASE("a secret's hosts change live, a new or removed secret recreates") {
+  spec::SandboxSpec s = base("a");
+  s.secrets.push_back(
+      spec::SecretRef{"K", spec::SecretRef::Kind::Env, "K", "", {}, "", "", {"x.com"}});
+  PlanOptions opts;
+  opts.live_supported = {"egress", "secrets"};
+  spec::SandboxSpec hosts = s;
+  hosts.secrets[0].hosts = {"x.com", "y.com"};
+  Plan live = plan("p", {{"a", desired(hosts, "h1")}},
+                   {{"a", obs(Observed::Health::Running, s, "h1")}}, opts);
+  CHECK(live.actions[0].kind == ActionKind::UpdateLive);
+  CHECK(live.actions[0].live_groups == std::vector<std::string>{"secrets"});
+  spec::SandboxSpec added = s;
+  added.secrets.push_back(
+      spec::SecretRef{"L", spec::SecretRef::Kind::Env, "L", "", {}, "", "", {"y.com"}});
+  Plan grown = plan("p", {{"a", desired(added, "h2")}},
+                    {{"a", obs(Observed::Health::Running, s, "h1")}}, opts);
+  CHECK(grown.actions[0].kind == ActionKind::Recreate);
+  CHECK(mentions(grown.actions[0], "secrets: +L"));
+  Plan shrunk = plan("p", {{"a", desired(base("a"), "")}},
+                     {{"a", obs(Observed::Health::Running, s, "h1")}}, opts);
+  CHECK(shrunk.actions[0].kind == ActionKind::Recreate);
+}
+
 TEST_CASE("health: create, start, and repairs") {
   struct HealthRow {
     Observed::Health health;
