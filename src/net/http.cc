@@ -4,6 +4,8 @@
 #include <fmt/format.h>
 #include <strings.h>
 
+#include <algorithm>
+#include <cctype>
 #include <charconv>
 
 namespace matchlock::net::http {
@@ -273,6 +275,26 @@ std::optional<std::string_view> Head::find(std::string_view name) const {
     }
   }
   return std::nullopt;
+}
+
+size_t Head::count(std::string_view name) const {
+  return static_cast<size_t>(std::count_if(headers.begin(), headers.end(),
+                                           [&](const Header& h) { return iequals(h.name, name); }));
+}
+
+std::optional<std::string_view> Head::targetAuthority() const {
+  std::string_view t = target;
+  size_t scheme = t.find("://");
+  if (scheme == std::string_view::npos || scheme == 0 || t.front() == '/') {
+    return std::nullopt;
+  }
+  for (char c : t.substr(0, scheme)) {
+    if (std::isalnum(static_cast<unsigned char>(c)) == 0 && c != '+' && c != '-' && c != '.') {
+      return std::nullopt;
+    }
+  }
+  std::string_view rest = t.substr(scheme + 3);
+  return rest.substr(0, rest.find_first_of("/?#"));
 }
 
 void Head::set(std::string_view name, std::string value) {

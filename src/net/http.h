@@ -28,6 +28,11 @@ struct Head {
 
   /// First value of header `name` (case-insensitive), if present.
   std::optional<std::string_view> find(std::string_view name) const;
+  /// How many times header `name` occurs (case-insensitive).
+  size_t count(std::string_view name) const;
+  /// The authority of an absolute-form target (`http://a.example:8080/x?q` → `a.example:8080`,
+  /// userinfo included so that callers can refuse it); nullopt for any other form.
+  std::optional<std::string_view> targetAuthority() const;
   /// Replaces all values of `name` with one value (appends when absent).
   void set(std::string_view name, std::string value);
   void remove(std::string_view name);

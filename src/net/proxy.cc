@@ -797,12 +797,32 @@ class Proxy::Connection {
       req.path = std::string(head.path());
       auto host_header = head.find("host");
       std::string host = host_header ? normalizeHost(*host_header) : "";
+      // One request, one host. Two Host headers, or an absolute-form target whose authority
+      // differs from Host, would let an upstream pick a host other than the one checked here
+      // (RFC 9112 3.2: the target's authority wins over Host).
+      std::string bad_host;
+      if (head.count("host") > 1) {
+        bad_host = "more than one Host header";
+      } else if (auto authority = head.targetAuthority()) {
+        std::string named = normalizeHost(*authority);
+        if (authority->find('@') != std::string_view::npos || named.empty() ||
+            (host_header && named != host)) {
+          bad_host = fmt::format("request target names host {}, Host header {}", named,
+                                 host_header ? host : std::string("(none)"));
+        } else {
+          host = named;
+        }
+      }
       if (!decided_) {
         host_ = host.empty() ? orig_.ip() : host;
         decide();
       }
       req.url = fmt::format("{}://{}{}", tls_ ? "https" : "http", host_, req.path);
       req_buf_.erase(0, r.consumed);
+      if (!bad_host.empty()) {
+        reject(req, 400, "Bad Request", bad_host, true);
+        return;
+      }
       if (!denied_reason_.empty()) {
         reject(req, 403, "Forbidden", denied_reason_, true);
         return;

@@ -244,6 +244,63 @@ print("direct", t(tcp("198.51.100.11", 80)))
     assert "ping=0" not in out, out
 
 
+BYPASS_SCRIPT = egress.ROOT / "tests" / "acceptance" / "framework" / "guest_bypass.py"
+CAPTURE_SCRIPT = egress.ROOT / "tests" / "acceptance" / "framework" / "capture.py"
+
+
+def test_bypass_suite_from_inside_the_guest(sealed):
+    """Every attempt of framework/guest_bypass.py fails (docs/threat-model.md lists them with
+    their expected outcomes), and the internet side confirms it: no packet from the guest's own
+    addresses arrives there, no forbidden request reaches a server, no forbidden name reaches
+    the DNS server."""
+    internet = sealed.internet
+    cap_file = internet.dir / "capture.jsonl"
+    cap = internet.spawn(internet.inet, [egress.PYTHON, CAPTURE_SCRIPT, "i0", cap_file],
+                         stdout=subprocess.PIPE)
+    assert "ready" in egress.readline(cap.stdout)
+    seen_before = len(internet.server_requests())
+    placeholder = sealed.sh("echo $API_KEY").stdout.strip()
+    assert placeholder.startswith("SANDBOX_SECRET_")
+    script = BYPASS_SCRIPT.read_text()
+    p = sealed.sh(f"cat > /tmp/bypass.py <<'PYEOF'\n{script}\nPYEOF\n"
+                  f"python3 /tmp/bypass.py {placeholder}", timeout=300)
+    results = [json.loads(line) for line in p.stdout.splitlines() if line.startswith("{")]
+    assert len(results) == script.count("\n@probe("), p.stdout + p.stderr
+    assert len(results) + 11 >= 30  # with the 11 attempts of the tests above
+    leaks = [r for r in results if not r["blocked"]]
+    assert not leaks, json.dumps(leaks, indent=1)
+    time.sleep(0.5)
+    cap.terminate()
+    cap.wait(timeout=5)
+
+    guest_ip = sealed.sh("python3 -c \"import socket; s = socket.socket(2, 2); "
+                         "s.connect(('198.51.100.10', 9)); print(s.getsockname()[0])\""
+                         ).stdout.strip()
+    assert guest_ip.startswith("10."), guest_ip
+    packets = [json.loads(l) for l in cap_file.read_text().splitlines() if l.strip()]
+    assert packets, "the capture saw nothing at all (not even the proxied requests)"
+    router_ll = {l.split()[3].split("/")[0] for l in
+                 run(["ip", "-n", internet.router, "-6", "-o", "addr", "show", "dev", "r1"]
+                     ).stdout.splitlines()}
+    from_guest = [x for x in packets if x["v"] == 4 and
+                  (x["src"] in (guest_ip, "10.99.0.5") or x["proto"] not in (1, 6, 17))]
+    assert not from_guest, from_guest
+    v6 = [x for x in packets if x["v"] == 6 and x["src"] not in router_ll | {"::"}]
+    assert not v6, v6
+
+    # Nothing forbidden reached a server; the placeholder in a path stays a placeholder.
+    reqs = internet.server_requests()[seen_before:]
+    hosts = {r["headers"].get("Host", "") for r in reqs}
+    assert hosts <= {"allowed.test", "a.wild.test"}, hosts
+    paths = [r["path"] for r in reqs]
+    for forbidden in ("/second", "/smuggled", "/abs", "/noproxy", "/plainleak"):
+        assert not any(forbidden in x for x in paths), (forbidden, paths)
+    leak = [x for x in paths if x.startswith("/pathleak/")]
+    assert leak and placeholder in leak[0] and SECRET_VALUE not in leak[0], leak
+    dns = internet.dns_log.read_text()
+    assert "exfil" not in dns and "other.test" not in dns, dns[-2000:]
+
+
 def test_allow_list_add_takes_effect_without_restart(sealed):
     pid = sealed.ml("inspect", sealed.id, check=True).stdout
     code, _ = curl(sealed, "https://late.test/", "--resolve", f"late.test:443:{GOOD_IP}")

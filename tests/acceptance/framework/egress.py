@@ -90,6 +90,7 @@ class Topology:
         self.procs = []
         self.netns_etc = pathlib.Path("/etc/netns") / self.client
         self.server_log = workdir / "server.log"
+        self.dns_log = workdir / "dnsmasq.log"
         self.server_log.touch()
 
     # -- setup ---------------------------------------------------------------------------------
@@ -172,7 +173,8 @@ table ip matchlock_test {{
     def start_dnsmasq(self):
         args = ["dnsmasq", "--keep-in-foreground", "--no-resolv", "--no-hosts",
                 f"--listen-address={DNS_IP}", "--bind-interfaces", "--port=53",
-                f"--pid-file={self.dir / 'dnsmasq.pid'}", "--user=root", "--group=root"]
+                f"--pid-file={self.dir / 'dnsmasq.pid'}", "--user=root", "--group=root",
+                "--log-queries", f"--log-facility={self.dns_log}"]
         for name in NAMES:
             args.append(f"--address=/{name}/{GOOD_IP}")
         args.append(f"--address=/private.test/{PRIVATE_IP}")

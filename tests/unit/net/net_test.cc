@@ -187,6 +187,26 @@ TEST_CASE("request head parsing", "[http]") {
   CHECK(head2.target == "/c");
 }
 
+TEST_CASE("target authority and repeated headers", "[http]") {
+  http::Head head;
+  auto authority = [&](const char* target) {
+    head.target = target;
+    return head.targetAuthority();
+  };
+  CHECK(authority("http://other.test/abs") == std::optional<std::string_view>("other.test"));
+  CHECK(authority("HTTPS://a.test:8443?q=1") == std::optional<std::string_view>("a.test:8443"));
+  CHECK(authority("http://u:p@b.test/") == std::optional<std::string_view>("u:p@b.test"));
+  CHECK(authority("http://") == std::optional<std::string_view>(""));
+  CHECK_FALSE(authority("/path?x=http://c.test/"));
+  CHECK_FALSE(authority("*"));
+  CHECK_FALSE(authority("a.test:443"));  // CONNECT's authority-form
+  CHECK_FALSE(authority("ht tp://x/"));
+  head.headers = {{"Host", "a"}, {"host", "b"}, {"X", "c"}};
+  CHECK(head.count("HOST") == 2);
+  CHECK(head.count("x") == 1);
+  CHECK(head.count("y") == 0);
+}
+
 TEST_CASE("request head errors", "[http]") {
   http::Head head;
   auto st = [&](const std::string& s) { return http::parseRequestHead(s, &head).error_status; };
