@@ -269,6 +269,8 @@ def test_bypass_suite_from_inside_the_guest(sealed):
     assert len(results) + 11 >= 30  # with the 11 attempts of the tests above
     leaks = [r for r in results if not r["blocked"]]
     assert not leaks, json.dumps(leaks, indent=1)
+    undocumented = [r for r in results if not r["as_documented"]]
+    assert not undocumented, json.dumps(undocumented, indent=1)
     time.sleep(0.5)
     cap.terminate()
     cap.wait(timeout=5)

