@@ -503,44 +503,53 @@ Status allowListCommand(const std::string& action, const std::string& id,
 Status eventsCommand(const std::string& id, bool follow, bool json) {
   ML_ASSIGN_OR_RETURN(auto store, state::Store::openDefault());
   ML_ASSIGN_OR_RETURN(auto r, runtime::findSandbox(store, id));
-  ML_ASSIGN_OR_RETURN(std::string root, runtime::runRoot());
-  const std::string path = supervisor::eventsPath(runDirOf(root, r.id));
-  size_t offset = 0;
+  ML_ASSIGN_OR_RETURN(std::string home, matchlockHome());
+  const std::string path = supervisor::eventsPath(home, r.id);
+  // The rotated file first (older events), then the current one, followed by size: a file
+  // shorter than what was read has been rotated, so the rest of its old self is in `.1`.
   std::string partial;
+  size_t offset = 0;
+  if (auto older = readFile(path + ".1"); older) {
+    partial = std::move(*older);
+  }
+  auto drain = [&] {
+    size_t nl = 0;
+    while ((nl = partial.find('\n')) != std::string::npos) {
+      std::string ev = partial.substr(0, nl);
+      partial.erase(0, nl + 1);
+      if (json) {
+        fmt::print("{}\n", ev);
+        continue;
+      }
+      auto e = nlohmann::json::parse(ev, nullptr, false);
+      if (!e.is_object() || !e.contains("network")) {
+        continue;
+      }
+      const auto& n = e["network"];
+      std::time_t t = e.value("timestamp", int64_t{0});
+      char when[32] = {};
+      (void)std::strftime(when, sizeof(when), "%Y-%m-%d %H:%M:%S", std::localtime(&t));
+      std::string line = fmt::format("{} {} {} {}", when, n.value("method", "-"),
+                                     n.value("url", ""), n.value("status_code", 0));
+      if (n.value("blocked", false)) {
+        line += fmt::format(" BLOCKED: {}", n.value("block_reason", ""));
+      }
+      fmt::print("{}\n", line);
+    }
+    (void)std::fflush(stdout);
+  };
   for (;;) {
     if (auto text = readFile(path); text) {
       if (text->size() < offset) {
+        if (auto rotated = readFile(path + ".1"); rotated && rotated->size() > offset) {
+          partial += rotated->substr(offset);
+        }
         offset = 0;
       }
       partial += text->substr(offset);
       offset = text->size();
-      size_t nl = 0;
-      while ((nl = partial.find('\n')) != std::string::npos) {
-        std::string ev = partial.substr(0, nl);
-        partial.erase(0, nl + 1);
-        if (json) {
-          fmt::print("{}\n", ev);
-          continue;
-        }
-        auto e = nlohmann::json::parse(ev, nullptr, false);
-        if (!e.is_object() || !e.contains("network")) {
-          continue;
-        }
-        const auto& n = e["network"];
-        std::time_t t = e.value("timestamp", int64_t{0});
-        char when[32] = {};
-        (void)std::strftime(when, sizeof(when), "%Y-%m-%d %H:%M:%S", std::localtime(&t));
-        std::string line = fmt::format("{} {} {} {}", when, n.value("method", "-"),
-                                       n.value("url", ""), n.value("status_code", 0));
-        if (n.value("blocked", false)) {
-          line += fmt::format(" BLOCKED: {}", n.value("block_reason", ""));
-        }
-        fmt::print("{}\n", line);
-      }
-      (void)std::fflush(stdout);
-    } else if (!follow) {
-      return ok();  // no events yet
     }
+    drain();
     if (!follow) {
       return ok();
     }

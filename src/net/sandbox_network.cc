@@ -148,8 +148,7 @@ Status SandboxNetwork::start(const std::map<std::string, std::string>& secret_va
     upstreams.push_back(a);
   }
   if (!config_.events_path.empty()) {
-    ML_ASSIGN_OR_RETURN(
-        events_fd_, openFile(config_.events_path, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0600));
+    ML_ASSIGN_OR_RETURN(events_, EventLog::open(config_.events_path));
   }
   ML_ASSIGN_OR_RETURN(loop_, ev::Loop::create());
   lap("prep");
@@ -161,14 +160,10 @@ Status SandboxNetwork::start(const std::map<std::string, std::string>& secret_va
   faultPoint("network:netns");
   lap("netns");
   ML_ASSIGN_OR_RETURN(Fd ns, sys::openNetns(config_.names.netns));
-  int efd = events_fd_.get();
-  EventSink sink = [efd](const NetworkEvent& e) {
-    if (efd < 0) {
-      return;
-    }
-    std::string line = toJsonLine(e) + "\n";
-    if (::write(efd, line.data(), line.size()) < 0) {
-      ML_LOG(net, debug, "appending a network event: errno {}", errno);
+  EventLog* events = events_.get();
+  EventSink sink = [events](const NetworkEvent& e) {
+    if (events != nullptr) {
+      events->append(e);
     }
   };
   pins_ = std::make_unique<DnsPins>();

@@ -19,6 +19,7 @@ namespace matchlock::net {
 class CertAuthority;
 class DnsPins;
 class DnsResolver;
+class EventLog;
 class PolicyStore;
 class Proxy;
 
@@ -114,8 +115,8 @@ class SandboxNetwork {
   NetworkConfig config_;
   bool netns_created_ = false;
   Fd tap_;
-  Fd events_fd_;
-  std::unique_ptr<ev::Loop> loop_;  ///< the proxy's own loop thread
+  std::unique_ptr<EventLog> events_;  ///< written on the proxy's loop thread only
+  std::unique_ptr<ev::Loop> loop_;    ///< the proxy's own loop thread
   std::thread thread_;
   std::shared_ptr<PolicyStore> policy_;
   std::shared_ptr<CertAuthority> ca_;

@@ -277,6 +277,17 @@ Result<std::string> launch(state::Store& store, const spec::SandboxSpec& spec,
   if (Status st = makeDirs(run_dir, 0700); !st) {
     return fail(std::move(st).error());
   }
+  std::string events_path;
+  if (subnet) {
+    auto home = matchlockHome();
+    if (!home) {
+      return fail(std::move(home).error());
+    }
+    if (Status st = makeDirs(*home + "/events", 0700); !st) {
+      return fail(std::move(st).error());
+    }
+    events_path = supervisor::eventsPath(*home, id);
+  }
   if (!options.data_disk.empty()) {
     if (Status st = makeDirs(fs::path(options.data_disk).parent_path().string(), 0700); !st) {
       return fail(std::move(st).error());
@@ -323,7 +334,7 @@ Result<std::string> launch(state::Store& store, const spec::SandboxSpec& spec,
     for (const auto& sec : spec.secrets) {
       n.secrets.push_back(net::SecretBinding{sec.name, sec.hosts});
     }
-    n.events_path = supervisor::eventsPath(run_dir);
+    n.events_path = events_path;
   }
   std::map<std::string, std::string> resolved;
   const std::map<std::string, std::string>* values = options.secret_values;
@@ -631,6 +642,13 @@ Status remove(state::Store& store, const state::SandboxRecord& r, const std::str
     fs::remove_all(data, ec);
     if (ec) {
       return makeError(Errc::System, fmt::format("removing {}", data), ec.value());
+    }
+  }
+  if (auto home = matchlockHome(); home) {
+    const std::string events = supervisor::eventsPath(*home, r.id);
+    for (const std::string& f : {events, events + ".1"}) {
+      std::error_code ec;
+      fs::remove(f, ec);
     }
   }
   ML_RETURN_IF_ERROR(store.deleteSandbox(r.id, state::DeleteMode::Force));

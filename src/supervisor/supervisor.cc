@@ -43,8 +43,8 @@ std::string consoleLogPath(const std::string& run_dir) {
   return run_dir + "/console.log";
 }
 
-std::string eventsPath(const std::string& run_dir) {
-  return run_dir + "/events.jsonl";
+std::string eventsPath(const std::string& home, const std::string& sandbox_id) {
+  return home + "/events/" + sandbox_id + ".jsonl";
 }
 
 nlohmann::json toJson(const Config& c) {

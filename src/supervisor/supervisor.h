@@ -63,7 +63,9 @@ std::string controlSocketPath(const std::string& run_dir);
 std::string channelSocketPath(const std::string& run_dir);
 std::string consoleLogPath(const std::string& run_dir);
 std::string mainLogPath(const std::string& run_dir);
-std::string eventsPath(const std::string& run_dir);
+/// A sandbox's network (and later file) events, `<home>/events/<id>.jsonl` plus the rotated
+/// `.1`: outside the run dir, so they survive a recreate, and removed with the record.
+std::string eventsPath(const std::string& home, const std::string& sandbox_id);
 
 /// Runs the supervisor in the current process until the VM ends: creates the upper disk, boots
 /// the VM, waits (bounded) for the guest's readiness, serves the control socket (exec relays,

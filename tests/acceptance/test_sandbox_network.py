@@ -173,7 +173,7 @@ def test_secret_substituted_in_header_and_query(sealed):
     seen = [r for r in internet.server_requests() if r["path"].startswith("/secret?key=sk")][-1]
     assert seen["headers"]["Authorization"] == f"Bearer {SECRET_VALUE}"
     assert seen["path"] == f"/secret?key={SECRET_VALUE}"
-    events = (sealed.home / "run" / sealed.id / "events.jsonl").read_text()
+    events = (sealed.home / "events" / f"{sealed.id}.jsonl").read_text()
     assert SECRET_VALUE not in events
     for log in (sealed.home / "run" / sealed.id).glob("*.log"):
         assert SECRET_VALUE not in log.read_text(errors="replace"), log
@@ -473,6 +473,11 @@ hosts = ["allowed.test"]
         p = sb.ml("plan", "-f", proj.spec)
         assert "-/+ recreate web" in p.stdout and "secrets: +OTHER" in p.stdout, p.stdout
         assert proj.record()[1] == pid
+        # Applied, it recreates (same id, new supervisor); the events of before are kept.
+        assert "-/+ recreate web" in proj.up("--wait").stdout
+        assert proj.record()[0] == sb.id and proj.record()[1] != pid
+        assert "OTHER=SANDBOX_SECRET_" in sb.sh("env").stdout
+        assert any(e["network"]["path"] == "/rot1" for e in sb.events())
     finally:
         sb.ml("down", "-p", "live", timeout=120)
 

@@ -3,11 +3,13 @@
 #include <stdlib.h>
 
 #include <chrono>
+#include <filesystem>
 #include <string>
 
 #include <catch2/catch.hpp>
 #include <nlohmann/json.hpp>
 
+#include "common/fd.h"
 #include "net/dns.h"
 #include "net/events.h"
 #include "net/http.h"
@@ -416,4 +418,36 @@ TEST_CASE("network events use upstream's notification shape", "[events]") {
   CHECK(j["network"]["block_reason"] == "host not in allowlist");
   e.path = "/\xff";
   CHECK_NOTHROW(nlohmann::json::parse(matchlock::net::toJsonLine(e)));
+}
+
+TEST_CASE("the event log rotates at its bound and keeps one older file", "[events]") {
+  char dir_template[] = "/tmp/ml-events-XXXXXX";
+  REQUIRE(::mkdtemp(dir_template) != nullptr);
+  const std::string dir = dir_template;
+  const std::string path = dir + "/e.jsonl";
+  matchlock::net::NetworkEvent e;
+  e.method = "GET";
+  e.host = "allowed.test";
+  e.url = "https://allowed.test/x";
+  const size_t line = matchlock::net::toJsonLine(e).size() + 1;
+  auto log = matchlock::net::EventLog::open(path, line * 3);
+  REQUIRE(log);
+  for (int i = 0; i < 10; ++i) {
+    (*log)->append(e);
+  }
+  auto current = matchlock::readFile(path);
+  auto older = matchlock::readFile(path + ".1");
+  REQUIRE(current);
+  REQUIRE(older);
+  CHECK(current->size() <= line * 3);
+  CHECK(older->size() == line * 3);
+  CHECK(current->size() == line * (10 % 3));
+  // Reopening continues the current file's size instead of starting from zero.
+  auto again = matchlock::net::EventLog::open(path, line * 3);
+  REQUIRE(again);
+  for (int i = 0; i < 3; ++i) {
+    (*again)->append(e);
+  }
+  CHECK(matchlock::readFile(path)->size() == line);  // 1 + 2 filled it, the third rotated
+  std::filesystem::remove_all(dir);
 }
