@@ -370,6 +370,9 @@ Result<std::string> launch(state::Store& store, const spec::SandboxSpec& spec,
     return fail(std::move(secrets_pipe).error());
   }
   sopts.inherit_fds = {secrets_pipe->read.get()};
+  // Not our environment: a secret read from an env var (or any token of the caller's) must not
+  // sit in the supervisor's, or QEMU's, /proc/PID/environ. The values come down the pipe.
+  sopts.env = sys::minimalEnvironment();
   auto sup = sys::ChildProcess::spawn(
       {self, "--log-level", "info", "__supervise", "--config", run_dir + "/vm.json", "--secrets-fd",
        std::to_string(secrets_pipe->read.get())},

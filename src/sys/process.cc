@@ -10,6 +10,8 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <array>
 #include <cerrno>
 
 #include "sys/process_ref.h"
@@ -121,8 +123,17 @@ Result<ChildProcess> ChildProcess::spawn(const std::vector<std::string>& argv,
     args.push_back(const_cast<char*>(a.c_str()));  // NOLINT(cppcoreguidelines-pro-type-const-cast)
   }
   args.push_back(nullptr);
+  std::vector<char*> envp;
+  if (options.env) {
+    for (const std::string& e : *options.env) {
+      envp.push_back(
+          const_cast<char*>(e.c_str()));  // NOLINT(cppcoreguidelines-pro-type-const-cast)
+    }
+    envp.push_back(nullptr);
+  }
   pid_t pid = 0;
-  int rc = ::posix_spawnp(&pid, args[0], &actions, &attr, args.data(), environ);
+  int rc = ::posix_spawnp(&pid, args[0], &actions, &attr, args.data(),
+                          options.env ? envp.data() : environ);
   if (rc != 0) {
     return makeError(rc == ENOENT ? Errc::NotFound : Errc::System,
                      fmt::format("spawning {}", argv[0]), rc);
@@ -208,6 +219,24 @@ Result<ExitInfo> ChildProcess::terminate(std::chrono::milliseconds grace) {
 void ChildProcess::detach() {
   pid_ = -1;
   pidfd_.reset();
+}
+
+std::vector<std::string> minimalEnvironment() {
+  static constexpr std::array<std::string_view, 7> kExact = {
+      "PATH", "HOME", "USER", "LANG", "TZ", "TMPDIR", "XDG_CACHE_HOME"};
+  static constexpr std::array<std::string_view, 3> kPrefixes = {"LC_", "MATCHLOCK_", "SSL_CERT_"};
+  std::vector<std::string> out;
+  for (char** e = environ; e != nullptr && *e != nullptr; ++e) {
+    std::string_view entry(*e);
+    std::string_view name = entry.substr(0, entry.find('='));
+    bool keep = std::find(kExact.begin(), kExact.end(), name) != kExact.end() ||
+                std::any_of(kPrefixes.begin(), kPrefixes.end(),
+                            [&](std::string_view p) { return name.starts_with(p); });
+    if (keep) {
+      out.emplace_back(entry);
+    }
+  }
+  return out;
 }
 
 }  // namespace matchlock::sys

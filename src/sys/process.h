@@ -24,7 +24,15 @@ struct SpawnOptions {
   bool new_session = false;
   /// Extra fds the child inherits at the same numbers (every other fd is CLOEXEC).
   std::vector<int> inherit_fds;
+  /// The child's whole environment ("NAME=value" each); nullopt = ours.
+  std::optional<std::vector<std::string>> env;
 };
+
+/// Our environment reduced to what a long-lived helper of ours needs: PATH, HOME, USER, LANG,
+/// LC_*, TZ, TMPDIR, XDG_CACHE_HOME, MATCHLOCK_* and SSL_CERT_*. Everything else (a secret read
+/// from an env var, tokens, the caller's proxies) stays out of its /proc/PID/environ and of
+/// everything it starts.
+std::vector<std::string> minimalEnvironment();
 
 /// How a child ended.
 struct ExitInfo {

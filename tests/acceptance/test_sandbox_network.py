@@ -9,6 +9,7 @@ test-made "internet" namespace holding HTTP/HTTPS servers (test CA) and dnsmasq.
 Nothing leaves the namespaces the test creates; they are removed at teardown."""
 import json
 import os
+import pathlib
 import shutil
 import subprocess
 import time
@@ -178,6 +179,16 @@ def test_secret_substituted_in_header_and_query(sealed):
     for log in (sealed.home / "run" / sealed.id).glob("*.log"):
         assert SECRET_VALUE not in log.read_text(errors="replace"), log
     assert SECRET_VALUE.encode() not in (sealed.home / "state.db").read_bytes()
+    # `run` read it from its env var; the supervisor and QEMU start with a reduced environment.
+    import sqlite3
+    db = sqlite3.connect(str(sealed.home / "state.db"))
+    pid = db.execute("select supervisor_pid from sandboxes where id=?", (sealed.id,)).fetchone()[0]
+    db.close()
+    children = pathlib.Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    assert children, "no QEMU under the supervisor"
+    for p in [pid, *children]:
+        environ = pathlib.Path(f"/proc/{p}/environ").read_bytes()
+        assert SECRET_VALUE.encode() not in environ and b"API_KEY=" not in environ, p
 
 
 def test_placeholder_to_another_allowed_host_is_403(sealed):

@@ -3,6 +3,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <fstream>
@@ -139,6 +140,28 @@ TEST_CASE("ChildProcess: exit codes, signals, timeouts, terminate") {
     pid = c->pid();
   }
   CHECK(::kill(pid, 0) != 0);
+}
+
+TEST_CASE("ChildProcess: a reduced environment keeps our own variables, drops the rest") {
+  ::setenv("ML_TEST_SECRET_VALUE", "sk-in-env", 1);
+  ::setenv("MATCHLOCK_TEST_KEEP", "kept", 1);
+  auto env = sys::minimalEnvironment();
+  CHECK(std::find(env.begin(), env.end(), "MATCHLOCK_TEST_KEEP=kept") != env.end());
+  CHECK(std::none_of(env.begin(), env.end(),
+                     [](const std::string& e) { return e.starts_with("ML_TEST_SECRET_VALUE="); }));
+  std::string dir = tempDir();
+  sys::SpawnOptions o;
+  o.stdout_path = dir + "/env.txt";
+  o.env = env;
+  auto c = sys::ChildProcess::spawn({"sh", "-c", "env"}, o);
+  REQUIRE(c.has_value());
+  REQUIRE(c->waitFor(std::chrono::seconds(10)).has_value());
+  auto out = readFile(dir + "/env.txt");
+  REQUIRE(out.has_value());
+  CHECK(out->find("MATCHLOCK_TEST_KEEP=kept") != std::string::npos);
+  CHECK(out->find("sk-in-env") == std::string::npos);
+  ::unsetenv("ML_TEST_SECRET_VALUE");
+  ::unsetenv("MATCHLOCK_TEST_KEEP");
 }
 
 TEST_CASE("KVM probe falls back to TCG within its bound and caches the answer") {
