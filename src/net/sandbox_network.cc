@@ -276,7 +276,8 @@ Status SandboxNetwork::update(const EgressUpdate& update) {
       added.push_back(b.name);
     }
   }
-  for (const auto& [name, placeholder] : placeholders_) {
+  for (const auto& entry : placeholders_) {
+    const std::string& name = entry.first;  // (clang 14 cannot capture structured bindings)
     if (std::none_of(update.secrets.begin(), update.secrets.end(),
                      [&](const SecretBinding& b) { return b.name == name; })) {
       removed.push_back(name);

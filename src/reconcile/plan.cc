@@ -5,7 +5,6 @@
 
 #include <algorithm>
 #include <functional>
-#include <ranges>
 
 #include "common/strings.h"
 #include "spec/normalize.h"
@@ -207,8 +206,11 @@ std::map<std::string, std::vector<std::string>> diffSpecs(const SandboxSpec& a,
       after[s.name] = s;
     }
     std::string d = keyDiff(before, after);
+    // (No std::views::keys: clang 14 cannot compile libstdc++ 12's ranges.)
     const bool names_changed =
-        !std::ranges::equal(std::views::keys(before), std::views::keys(after));
+        before.size() != after.size() ||
+        !std::equal(before.begin(), before.end(), after.begin(),
+                    [](const auto& x, const auto& y) { return x.first == y.first; });
     out[names_changed ? "secret_names" : "secrets"].push_back("secrets: " +
                                                               (d.empty() ? "reordered" : d));
   }
