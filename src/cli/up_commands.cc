@@ -348,11 +348,11 @@ Result<PassResult> reconcileProject(const spec::Project& project, const UpOption
       return;
     }
     if (out.status) {
-      bool boots = out.kind != reconcile::ActionKind::Remove && !out.ready;
+      // A live update and a removal start nothing: neither is booting.
+      const bool starts = out.kind != reconcile::ActionKind::Remove &&
+                          out.kind != reconcile::ActionKind::UpdateLive;
       fmt::print(" ✔ {} {} ({}{})\n", out.sandbox, pastTense(out.kind), fmtSeconds(out.elapsed),
-                 boots                                       ? ", booting"
-                 : out.kind == reconcile::ActionKind::Remove ? ""
-                                                             : ", ready");
+                 !starts ? "" : (out.ready ? ", ready" : ", booting"));
     } else {
       fmt::print(" ✘ {} {}: {}\n", out.sandbox, out.skipped ? "skipped" : "failed",
                  out.status.error().message());

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# SPDX-License-Identifier: Apache-2.0
+# Live egress update through `up` against the recreate it replaces, side by side (root): one
+# busybox sandbox with a network; its allow_hosts edited back and forth, applied by `up`
+# (`~ update`, same supervisor), and the same edit applied with `up --force-recreate --wait`.
+# Prints medians and the ratio (goal of the ports-live issue: live <= 10% of a recreate).
+# Never a test: numbers move with machine load. No traffic leaves the machine.
+#   bench/live_update.sh [N]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+n=${1:-5}
+ml=${MATCHLOCK_BIN:-build/matchlock}
+tmp=$(mktemp -d)
+export MATCHLOCK_HOME="$tmp/home"
+cleanup() {
+  "$ml" down -p livebench -v >/dev/null 2>&1 || true
+  rm -rf "$tmp"
+}
+trap cleanup EXIT
+fixture=$(/usr/bin/python3 tests/fixtures/build_images.py busybox | tail -1)
+"$ml" image import busybox:latest <"$fixture/busybox-save.tar" >/dev/null 2>&1
+
+spec="$tmp/live.toml"
+write() {
+  printf 'name = "livebench"\n[sandboxes.s]\nimage = "busybox:latest"\nmemory = "128MiB"\n' >"$spec"
+  printf '[sandboxes.s.network]\nallow_hosts = ["%s.example"]\n' "$1" >>"$spec"
+}
+median() { sort -n | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
+ms() { python3 -c 'import sys,time; t=time.perf_counter(); import subprocess; subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True); print(f"{(time.perf_counter()-t)*1000:.1f}")' "$@"; }
+
+write a
+"$ml" up -f "$spec" --wait >/dev/null 2>&1
+live=$(for ((i = 0; i < n; i++)); do write "l$i"; ms "$ml" up -f "$spec"; done | median)
+recreate=$(for ((i = 0; i < n; i++)); do
+  write "r$i"
+  ms "$ml" up -f "$spec" --force-recreate --wait
+done | median)
+noop=$(for ((i = 0; i < n; i++)); do ms "$ml" up -f "$spec"; done | median)
+
+ratio() { python3 -c 'import sys; print(f"{float(sys.argv[1]) / float(sys.argv[2]):.3f}")' "$1" "$2"; }
+printf 'no-op up (baseline), median            %9.1f ms\n' "$noop"
+printf 'allow_hosts edit, live up, median      %9.1f ms\n' "$live"
+printf 'allow_hosts edit, recreate --wait      %9.1f ms\n' "$recreate"
+printf 'live / recreate:                       %9s   (goal <= 0.10)\n' "$(ratio "$live" "$recreate")"
