@@ -3,6 +3,7 @@
 
 #include <fcntl.h>
 #include <fmt/format.h>
+#include <poll.h>
 #include <signal.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -250,7 +251,22 @@ Result<std::map<std::string, std::string>> readSecretValues(int fd) {
   Fd owned(fd);
   std::string data;
   char buf[4096];
+  // Bounded: the launcher writes everything at once and closes its end (a dead launcher closes
+  // it too); one that stalls must not hold the supervisor forever.
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
   for (;;) {
+    const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
+        deadline - std::chrono::steady_clock::now());
+    pollfd p{owned.get(), POLLIN, 0};
+    int ready = left.count() > 0 ? ::poll(&p, 1, static_cast<int>(left.count())) : 0;
+    if (ready < 0 && errno == EINTR) {
+      continue;
+    }
+    if (ready == 0) {
+      return makeError(Errc::Unavailable,
+                       "the launcher did not hand over the secret values "
+                       "within 30 s");
+    }
     ssize_t n = ::read(owned.get(), buf, sizeof(buf));
     if (n < 0 && errno == EINTR) {
       continue;
