@@ -9,6 +9,7 @@
 #   bench/boot.sh [N]
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. bench/lib.sh
 n=${1:-7}
 kernel=${MATCHLOCK_KERNEL:-$(guest/kernel/build.sh)}
 guest=${MATCHLOCK_GUEST:-build/matchlock-guest}
@@ -23,10 +24,8 @@ cleanup() {
 }
 trap cleanup EXIT
 tests/tools/mkinitramfs.py "$guest" "$tmp/probe.cpio"
-fixture=$(/usr/bin/python3 tests/fixtures/build_images.py busybox | tail -1)
-"$ml" image import busybox:latest <"$fixture/busybox-save.tar" >/dev/null 2>&1
+import_busybox "$ml"
 
-median() { sort -n | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
 now() { date +%s.%N; }
 
 # Warm-up: builds the rootfs disk and initramfs, and settles --accel auto (probe cached).

@@ -8,6 +8,7 @@
 #   bench/live_update.sh [N]
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. bench/lib.sh
 n=${1:-5}
 ml=${MATCHLOCK_BIN:-build/matchlock}
 tmp=$(mktemp -d)
@@ -17,16 +18,13 @@ cleanup() {
   rm -rf "$tmp"
 }
 trap cleanup EXIT
-fixture=$(/usr/bin/python3 tests/fixtures/build_images.py busybox | tail -1)
-"$ml" image import busybox:latest <"$fixture/busybox-save.tar" >/dev/null 2>&1
+import_busybox "$ml"
 
 spec="$tmp/live.toml"
 write() {
   printf 'name = "livebench"\n[sandboxes.s]\nimage = "busybox:latest"\nmemory = "128MiB"\n' >"$spec"
   printf '[sandboxes.s.network]\nallow_hosts = ["%s.example"]\n' "$1" >>"$spec"
 }
-median() { sort -n | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
-ms() { python3 -c 'import sys,time; t=time.perf_counter(); import subprocess; subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True); print(f"{(time.perf_counter()-t)*1000:.1f}")' "$@"; }
 
 write a
 "$ml" up -f "$spec" --wait >/dev/null 2>&1
@@ -37,7 +35,6 @@ recreate=$(for ((i = 0; i < n; i++)); do
 done | median)
 noop=$(for ((i = 0; i < n; i++)); do ms "$ml" up -f "$spec"; done | median)
 
-ratio() { python3 -c 'import sys; print(f"{float(sys.argv[1]) / float(sys.argv[2]):.3f}")' "$1" "$2"; }
 printf 'no-op up (baseline), median            %9.1f ms\n' "$noop"
 printf 'allow_hosts edit, live up, median      %9.1f ms\n' "$live"
 printf 'allow_hosts edit, recreate --wait      %9.1f ms\n' "$recreate"

@@ -9,6 +9,7 @@
 #   bench/network.sh [N]
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. bench/lib.sh
 n=${1:-5}
 ml=${MATCHLOCK_BIN:-build/matchlock}
 tmp=$(mktemp -d)
@@ -19,10 +20,8 @@ cleanup() {
   rm -rf "$tmp"
 }
 trap cleanup EXIT
-fixture=$(/usr/bin/python3 tests/fixtures/build_images.py busybox | tail -1)
-"$ml" image import busybox:latest <"$fixture/busybox-save.tar" >/dev/null 2>&1
+import_busybox "$ml"
 
-median() { sort -n | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
 now() { date +%s.%N; }
 
 : >"$tmp/setup" ; : >"$tmp/teardown"; : >"$tmp/boot-net"; : >"$tmp/boot-nonet"

@@ -8,6 +8,7 @@
 #   bench/up.sh [N]
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. bench/lib.sh
 n=${1:-11}
 kernel=${MATCHLOCK_KERNEL:-$(guest/kernel/build.sh)}
 ml=${MATCHLOCK_BIN:-build/matchlock}
@@ -19,8 +20,7 @@ cleanup() {
   rm -rf "$tmp"
 }
 trap cleanup EXIT
-fixture=$(/usr/bin/python3 tests/fixtures/build_images.py busybox | tail -1)
-"$ml" image import busybox:latest <"$fixture/busybox-save.tar" >/dev/null 2>&1
+import_busybox "$ml"
 
 spec="$tmp/ten.toml"
 echo 'name = "bench"' >"$spec"
@@ -29,8 +29,6 @@ for i in $(seq 0 9); do
   printf 'network = { no_network = true }\n' >>"$spec"
 done
 
-median() { sort -n | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
-ms() { python3 -c 'import sys,time; t=time.perf_counter(); import subprocess; subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True); print(f"{(time.perf_counter()-t)*1000:.1f}")' "$@"; }
 
 "$ml" up -f "$spec" --wait --parallel 10 >/dev/null 2>&1   # warm-up: rootfs, initramfs, accel probe
 "$ml" down -p bench >/dev/null
@@ -42,7 +40,6 @@ parallel=$(ms "$ml" up -f "$spec" --wait --parallel 10)
 noop=$(for ((i = 0; i < n; i++)); do ms "$ml" up -f "$spec" --detailed-exitcode; done | median)
 validate=$(for ((i = 0; i < n; i++)); do ms "$ml" validate -f "$spec"; done | median)
 
-ratio() { python3 -c 'import sys; print(f"{float(sys.argv[1]) / float(sys.argv[2]):.2f}")' "$1" "$2"; }
 printf '10 sandboxes up --wait, --parallel 1   %9.1f ms\n' "$serial"
 printf '10 sandboxes up --wait, --parallel 10  %9.1f ms   (%sx faster; %s cores)\n' "$parallel" \
   "$(ratio "$serial" "$parallel")" "$(nproc)"
