@@ -8,7 +8,6 @@
 #include "common/fault.h"
 #include "common/log.h"
 #include "image/store.h"
-#include "runtime/secrets.h"
 #include "spec/decode.h"
 
 namespace matchlock::runtime {
@@ -166,12 +165,10 @@ Status SandboxDriver::update(const reconcile::Action& action, const reconcile::D
   if (!existing) {
     return makeError(Errc::NotFound, fmt::format("sandbox {} has no record", action.sandbox));
   }
-  std::map<std::string, std::string> values;
-  if (desired.secret_values) {
-    values = *desired.secret_values;
-  } else if (!desired.spec.secrets.empty()) {
-    ML_ASSIGN_OR_RETURN(values, resolveSecretValues(desired.spec));
-  }
+  // The values `up` read for the hash (a secret without one fails in updateLive, naming it):
+  // never read a second time, so a value that changed meanwhile cannot disagree with the hash.
+  static const std::map<std::string, std::string> kNone;
+  const auto& values = desired.secret_values ? *desired.secret_values : kNone;
   std::optional<std::string> hash;
   if (!desired.secrets_hash.empty()) {
     hash = desired.secrets_hash;

@@ -45,6 +45,23 @@ std::string upperDiskOf(const std::string& run_dir, const LaunchOptions& options
   return options.data_disk.empty() ? run_dir + "/upper.ext4" : options.data_disk;
 }
 
+/// `spec` as the record keeps it: normalized JSON, its hashes, the spec file's absolute path.
+state::SandboxSpecUpdate appliedSpecOf(const spec::SandboxSpec& spec,
+                                       std::optional<std::string> secrets_hash,
+                                       std::optional<std::string> image_digest) {
+  state::SandboxSpecUpdate applied;
+  if (!spec.source_file.empty()) {
+    std::error_code ec;
+    applied.source_file = fs::absolute(spec.source_file, ec).string();
+  }
+  applied.spec_json = spec::toJson(spec).dump();
+  applied.spec_hash = spec::specHash(spec);
+  applied.group_hashes = spec::groupHashes(spec);
+  applied.secrets_hash = std::move(secrets_hash);
+  applied.image_digest = std::move(image_digest);
+  return applied;
+}
+
 }  // namespace
 
 Result<std::string> runRoot() {
@@ -198,21 +215,11 @@ Result<std::string> launch(state::Store& store, const spec::SandboxSpec& spec,
   const std::string run_dir = runDirOf(root, id);
   const std::string upper = upperDiskOf(run_dir, options);
   const std::string hostname = spec.hostname.empty() ? spec.name : spec.hostname;
-  std::error_code abs_ec;
-  const std::string source =
-      spec.source_file.empty() ? "" : fs::absolute(spec.source_file, abs_ec).string();
 
   // 1. The record first, status "creating": from here on a crash leaves a row that observation
   //    reports as an interrupted launch, so the next `up` or `prune` cleans up.
-  state::SandboxSpecUpdate applied;
-  if (!source.empty()) {
-    applied.source_file = source;
-  }
-  applied.spec_json = spec::toJson(spec).dump();
-  applied.spec_hash = spec::specHash(spec);
-  applied.group_hashes = spec::groupHashes(spec);
-  applied.secrets_hash = options.secrets_hash;
-  applied.image_digest = options.image_digest;
+  state::SandboxSpecUpdate applied =
+      appliedSpecOf(spec, options.secrets_hash, options.image_digest);
   if (existing_id) {
     ML_RETURN_IF_ERROR(store.setSupervisor(id, std::nullopt));
     ML_RETURN_IF_ERROR(store.updateSandboxStatus(id, state::SandboxStatus::Creating, std::nullopt));
@@ -581,17 +588,10 @@ Status updateLive(state::Store& store, const state::SandboxRecord& record,
     }
     faultPoint("update:sent");
   }
-  state::SandboxSpecUpdate applied;
-  applied.source_file = record.source_file;
-  if (!spec.source_file.empty()) {
-    std::error_code ec;
-    applied.source_file = fs::absolute(spec.source_file, ec).string();
+  state::SandboxSpecUpdate applied = appliedSpecOf(spec, secrets_hash, record.image_digest);
+  if (!applied.source_file) {
+    applied.source_file = record.source_file;
   }
-  applied.spec_json = spec::toJson(spec).dump();
-  applied.spec_hash = spec::specHash(spec);
-  applied.group_hashes = spec::groupHashes(spec);
-  applied.secrets_hash = secrets_hash;
-  applied.image_digest = record.image_digest;
   ML_ASSIGN_OR_RETURN(int64_t generation, store.updateSandboxSpec(record.id, applied));
   ML_LOG(runtime, info, "sandbox {}: {} applied live (generation {})", record.name,
          fmt::join(groups, ", "), generation);
