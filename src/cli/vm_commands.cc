@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
 // Sandbox lifecycle: run, exec, list, inspect, log, kill, rm, prune, and the hidden
 // `__supervise` entry point of the per-sandbox supervisor process.
+#include <fcntl.h>
 #include <fmt/format.h>
 #include <signal.h>
 #include <sys/random.h>
@@ -505,8 +506,7 @@ Status eventsCommand(const std::string& id, bool follow, bool json) {
   ML_ASSIGN_OR_RETURN(auto r, runtime::findSandbox(store, id));
   ML_ASSIGN_OR_RETURN(std::string home, matchlockHome());
   const std::string path = supervisor::eventsPath(home, r.id);
-  // The rotated file first (older events), then the current one, followed by size: a file
-  // shorter than what was read has been rotated, so the rest of its old self is in `.1`.
+  // The rotated file first (older events), then the current one, followed.
   std::string partial;
   size_t offset = 0;
   if (auto older = readFile(path + ".1"); older) {
@@ -538,16 +538,44 @@ Status eventsCommand(const std::string& id, bool follow, bool json) {
     }
     (void)std::fflush(stdout);
   };
+  // Only what was appended since the last look is read (the file may hold megabytes). A new
+  // inode (or a shorter file) means it was rotated: the rest of its old self is in `.1`.
+  struct Tail {
+    ino_t inode = 0;
+    bool rotated = false;
+    std::string data;
+  };
+  auto tail = [](const std::string& file, size_t from, ino_t inode) -> std::optional<Tail> {
+    auto fd = openFile(file, O_RDONLY | O_CLOEXEC);
+    struct stat st {};
+    if (!fd || ::fstat(fd->get(), &st) != 0) {
+      return std::nullopt;
+    }
+    const auto size = static_cast<size_t>(st.st_size);
+    Tail t;
+    t.inode = st.st_ino;
+    t.rotated = (inode != 0 && st.st_ino != inode) || size < from;
+    if (!t.rotated && size > from) {
+      t.data.resize(size - from);
+      ssize_t n = ::pread(fd->get(), t.data.data(), t.data.size(), static_cast<off_t>(from));
+      t.data.resize(n > 0 ? static_cast<size_t>(n) : 0);
+    }
+    return t;
+  };
+  ino_t inode = 0;
   for (;;) {
-    if (auto text = readFile(path); text) {
-      if (text->size() < offset) {
-        if (auto rotated = readFile(path + ".1"); rotated && rotated->size() > offset) {
-          partial += rotated->substr(offset);
-        }
-        offset = 0;
+    auto text = tail(path, offset, inode);
+    if (text && text->rotated) {
+      if (auto older = tail(path + ".1", offset, inode); older && !older->rotated) {
+        partial += older->data;  // the old file, renamed: same inode, read on from `offset`
       }
-      partial += text->substr(offset);
-      offset = text->size();
+      offset = 0;
+      text = tail(path, 0, 0);
+    }
+    if (text) {
+      inode = text->inode;
+      partial += text->data;
+      offset += text->data.size();
     }
     drain();
     if (!follow) {
