@@ -262,6 +262,9 @@ Result<std::map<std::string, std::string>> readSecretValues(int fd) {
     if (ready < 0 && errno == EINTR) {
       continue;
     }
+    if (ready < 0) {
+      return makeError(Errc::System, "waiting for the secret values", errno);
+    }
     if (ready == 0) {
       return makeError(Errc::Unavailable,
                        "the launcher did not hand over the secret values "
