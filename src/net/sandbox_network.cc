@@ -148,7 +148,7 @@ Status SandboxNetwork::start(const std::map<std::string, std::string>& secret_va
     upstreams.push_back(a);
   }
   if (!config_.events_path.empty()) {
-    ML_ASSIGN_OR_RETURN(events_, EventLog::open(config_.events_path));
+    ML_ASSIGN_OR_RETURN(events_, EventLog::shared(config_.events_path));
   }
   ML_ASSIGN_OR_RETURN(loop_, ev::Loop::create());
   lap("prep");
@@ -163,7 +163,7 @@ Status SandboxNetwork::start(const std::map<std::string, std::string>& secret_va
   EventLog* events = events_.get();
   EventSink sink = [events](const NetworkEvent& e) {
     if (events != nullptr) {
-      events->append(e);
+      events->append(toJsonLine(e));
     }
   };
   pins_ = std::make_unique<DnsPins>();

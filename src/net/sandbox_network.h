@@ -10,6 +10,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "common/event_log.h"
 #include "common/fd.h"
 #include "common/result.h"
 #include "ev/loop.h"
@@ -19,7 +20,6 @@ namespace matchlock::net {
 class CertAuthority;
 class DnsPins;
 class DnsResolver;
-class EventLog;
 class PolicyStore;
 class Proxy;
 
@@ -115,7 +115,7 @@ class SandboxNetwork {
   NetworkConfig config_;
   bool netns_created_ = false;
   Fd tap_;
-  std::unique_ptr<EventLog> events_;  ///< written on the proxy's loop thread only
+  std::shared_ptr<EventLog> events_;  ///< shared with the other layers of the sandbox
   std::unique_ptr<ev::Loop> loop_;    ///< the proxy's own loop thread
   std::thread thread_;
   std::shared_ptr<PolicyStore> policy_;

@@ -9,6 +9,7 @@
 #include <catch2/catch.hpp>
 #include <nlohmann/json.hpp>
 
+#include "common/event_log.h"
 #include "common/fd.h"
 #include "net/dns.h"
 #include "net/events.h"
@@ -430,10 +431,10 @@ TEST_CASE("the event log rotates at its bound and keeps one older file", "[event
   e.host = "allowed.test";
   e.url = "https://allowed.test/x";
   const size_t line = matchlock::net::toJsonLine(e).size() + 1;
-  auto log = matchlock::net::EventLog::open(path, line * 3);
+  auto log = matchlock::EventLog::open(path, line * 3);
   REQUIRE(log);
   for (int i = 0; i < 10; ++i) {
-    (*log)->append(e);
+    (*log)->append(matchlock::net::toJsonLine(e));
   }
   auto current = matchlock::readFile(path);
   auto older = matchlock::readFile(path + ".1");
@@ -443,10 +444,10 @@ TEST_CASE("the event log rotates at its bound and keeps one older file", "[event
   CHECK(older->size() == line * 3);
   CHECK(current->size() == line * (10 % 3));
   // Reopening continues the current file's size instead of starting from zero.
-  auto again = matchlock::net::EventLog::open(path, line * 3);
+  auto again = matchlock::EventLog::open(path, line * 3);
   REQUIRE(again);
   for (int i = 0; i < 3; ++i) {
-    (*again)->append(e);
+    (*again)->append(matchlock::net::toJsonLine(e));
   }
   CHECK(matchlock::readFile(path)->size() == line);  // 1 + 2 filled it, the third rotated
   std::filesystem::remove_all(dir);
