@@ -1,0 +1,108 @@
+// SPDX-License-Identifier: Apache-2.0
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <memory>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "common/event_log.h"
+#include "common/result.h"
+#include "vfs/fuse/server.h"
+#include "vfs/hooks.h"
+#include "vfs/provider.h"
+
+namespace matchlock::vfs {
+
+enum class MountKind { ReadWrite, ReadOnly, Overlay, Memory };
+
+std::string_view toString(MountKind kind);
+std::optional<MountKind> mountKindFromString(std::string_view name);
+
+struct MountConfig {
+  std::string target;  ///< absolute guest path
+  MountKind kind = MountKind::Overlay;
+  std::string source;       ///< absolute host path (not for Memory)
+  std::string overlay_dir;  ///< Overlay: holds upper/ and work/ (created when missing)
+  uint64_t memory_max_bytes = 512ULL << 20;
+  Hooks hooks;
+};
+
+struct VfsConfig {
+  std::vector<MountConfig> mounts;
+  std::string events_path;  ///< file events are appended here ("" = none)
+};
+
+nlohmann::json toJson(const VfsConfig& config);
+Result<VfsConfig> vfsConfigFromJson(const nlohmann::json& j);
+
+/// The VFS layer of one sandbox, in its supervisor (docs/vfs.md): opens every mount's host tree
+/// before the guest boots (a missing source fails the start, naming the mount), tells the guest
+/// which FUSE filesystems to mount (bootConfig()), and serves each one's FUSE connection on a
+/// guest-opened channel stream of port 5001. Runs on the supervisor's loop thread.
+class SandboxVfs {
+ public:
+  /// Sends bytes on a channel stream.
+  using SendFn = std::function<void(uint32_t stream, std::string&& bytes)>;
+
+  [[nodiscard]] static Result<std::unique_ptr<SandboxVfs>> create(const VfsConfig& config,
+                                                                  SendFn send);
+  ~SandboxVfs();
+  SandboxVfs(const SandboxVfs&) = delete;
+  SandboxVfs& operator=(const SandboxVfs&) = delete;
+
+  /// The "vfs" entry of the boot config: [{"index","target","ro","file"}], one FUSE mount per
+  /// tree that is not nested inside another ("file": its root is a single file).
+  nlohmann::json bootConfig() const;
+
+  void onOpen(uint32_t stream);
+  /// Data of a VFS stream. An error means the stream broke the protocol: reset it.
+  Status onData(uint32_t stream, std::string_view data);
+  void onClosed(uint32_t stream);
+  bool owns(uint32_t stream) const { return streams_.contains(stream); }
+
+  /// Control verbs of the layer ("vfs_status"); nullopt for a verb that is not ours.
+  std::optional<nlohmann::json> handleControl(const nlohmann::json& request);
+
+ private:
+  struct Mount {
+    MountConfig config;
+    ProviderPtr provider;
+    Fd overlay;  ///< the detached overlay mount an Overlay provider is rooted in
+  };
+  struct Stream {
+    std::string preamble;
+    std::unique_ptr<fuse::Connection> conn;
+  };
+  struct Tree {
+    std::string target;
+    std::vector<size_t> mounts;  ///< the top mount first, then the nested ones
+    bool read_only = false;
+  };
+
+  explicit SandboxVfs(SendFn send) : send_(std::move(send)) {}
+  Status openMounts(const VfsConfig& config);
+  Status startConnection(uint32_t stream, Stream& s);
+
+  SendFn send_;
+  std::vector<Mount> mounts_;
+  std::vector<Tree> trees_;
+  std::vector<bool> tree_busy_;
+  std::map<uint32_t, Stream> streams_;
+  std::map<uint32_t, size_t> stream_tree_;
+  std::shared_ptr<EventLog> events_;
+  uint64_t events_written_ = 0;
+};
+
+/// The 12-byte preamble a guest writes first on a VFS stream: magic "MLVF", u16 version (1),
+/// u16 flags (0), u32 tree index (big-endian).
+inline constexpr uint32_t kVfsMagic = 0x4d4c5646;
+inline constexpr uint16_t kVfsVersion = 1;
+inline constexpr size_t kVfsPreambleSize = 12;
+
+}  // namespace matchlock::vfs
