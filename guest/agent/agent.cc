@@ -10,6 +10,8 @@
 
 #include <cerrno>
 
+#include <nlohmann/json.hpp>
+
 #include "guest/agent/log.h"
 
 namespace matchlock::guest {
@@ -66,10 +68,15 @@ void Agent::newMux() {
   guestproto::Mux::Callbacks cb;
   cb.on_ready = [this] {
     logLine("host connected ({})", mux_->peerAgent());
+    std::string vfs_error = startVfs();
     // Readiness: one guest-opened stream on port 5002 with a status object.
     auto id = mux_->open(guestproto::kPortReady);
     if (id) {
-      (void)mux_->send(*id, fmt::format(R"({{"ok": true, "version": "{}"}})", options_.version));
+      nlohmann::json status = {{"ok", vfs_error.empty()}, {"version", options_.version}};
+      if (!vfs_error.empty()) {
+        status["error"] = vfs_error;
+      }
+      (void)mux_->send(*id, status.dump());
       (void)mux_->closeWrite(*id);
     }
   };
@@ -85,6 +92,10 @@ void Agent::newMux() {
     }
   };
   cb.on_data = [this](uint32_t stream, std::string_view data) {
+    if (VfsRelay* relay = relayFor(stream)) {
+      relay->onData(data);
+      return;
+    }
     if (auto it = sessions_.find(stream); it != sessions_.end()) {
       it->second->onData(data);
     } else if (control_.contains(stream)) {
@@ -93,6 +104,10 @@ void Agent::newMux() {
     }
   };
   cb.on_close = [this](uint32_t stream) {
+    if (VfsRelay* relay = relayFor(stream)) {
+      relay->detach();
+      return;
+    }
     if (auto it = sessions_.find(stream); it != sessions_.end()) {
       it->second->onRemoteClose();
     } else if (auto c = control_.find(stream); c != control_.end()) {
@@ -100,7 +115,12 @@ void Agent::newMux() {
       control_.erase(c);
     }
   };
-  cb.on_reset = [this](uint32_t stream, uint32_t, std::string_view) {
+  cb.on_reset = [this](uint32_t stream, uint32_t, std::string_view message) {
+    if (VfsRelay* relay = relayFor(stream)) {
+      logLine("vfs {}: the host reset the stream: {}", relay->spec().target, message);
+      relay->detach();
+      return;
+    }
     if (auto it = sessions_.find(stream); it != sessions_.end()) {
       it->second->onReset();
     }
@@ -112,6 +132,43 @@ void Agent::newMux() {
   // The guest speaks second: its Hello answers the host's. A virtio-serial port does not tell the
   // guest when a host connects, and a Hello written before that would be lost or stale.
   mux_started_ = false;
+}
+
+std::string Agent::startVfs() {
+  std::string error;
+  if (!vfs_mounted_) {
+    vfs_mounted_ = true;
+    for (const VfsRelay::Spec& spec : options_.vfs) {
+      auto relay = VfsRelay::mount(loop_, spec);
+      if (!relay) {
+        error = fmt::format("mount {}: {}", spec.target, relay.error().toString());
+        logLine("vfs: {}", error);
+        break;
+      }
+      relays_.push_back(std::move(*relay));
+    }
+  }
+  for (auto& relay : relays_) {
+    if (relay->stream() != 0) {
+      continue;  // attached to an earlier connection, and aborted with it
+    }
+    auto id = mux_->open(guestproto::kPortVfs);
+    Status st = id ? relay->attach(*mux_, *id, [this] { scheduleFlush(); })
+                   : Status(makeError(std::move(id).error()));
+    if (!st && error.empty()) {
+      error = fmt::format("mount {}: {}", relay->spec().target, st.error().toString());
+    }
+  }
+  return error;
+}
+
+VfsRelay* Agent::relayFor(uint32_t stream) {
+  for (auto& relay : relays_) {
+    if (relay->attached() && relay->stream() == stream) {
+      return relay.get();
+    }
+  }
+  return nullptr;
 }
 
 void Agent::onControl(uint32_t stream, std::string_view data) {
@@ -178,6 +235,9 @@ void Agent::onDisconnected() {
   sessions_.clear();
   sweep();
   control_.clear();
+  for (auto& relay : relays_) {
+    relay->detach();  // its FUSE connection was bound to the lost host session
+  }
   out_.clear();
   if (!options_.reconnectable) {
     logLine("channel closed");
@@ -194,6 +254,9 @@ void Agent::flush() {
   if (mux_) {
     for (auto& [stream, session] : sessions_) {
       session->resume();
+    }
+    for (auto& relay : relays_) {
+      relay->resume();
     }
     out_ += mux_->takeOutput();
   }

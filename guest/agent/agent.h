@@ -6,10 +6,12 @@
 #include <map>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "common/fd.h"
 #include "ev/loop.h"
 #include "guest/agent/exec_session.h"
+#include "guest/agent/vfs_relay.h"
 #include "guestproto/mux.h"
 
 namespace matchlock::guest {
@@ -28,6 +30,9 @@ class Agent {
     std::string cgroup_procs;
     /// Environment every exec starts from (under the request's own env).
     std::map<std::string, std::string> base_env;
+    /// Host-served filesystems, mounted when the host first connects and before the agent
+    /// reports ready (a failed mount is reported instead of readiness).
+    std::vector<VfsRelay::Spec> vfs;
   };
 
   /// Takes ownership of `channel` (made non-blocking). Blocks SIGCHLD for its signalfd.
@@ -67,6 +72,12 @@ class Agent {
   /// Sessions whose stream is gone but whose process still runs (being terminated).
   std::map<pid_t, std::unique_ptr<ExecSession>> orphaned_;
   std::map<uint32_t, std::string> control_;  // host-opened port 5002 streams
+  std::vector<std::unique_ptr<VfsRelay>> relays_;
+  bool vfs_mounted_ = false;
+  /// Mounts the host-served filesystems (first connection only) and attaches each to a new VFS
+  /// stream. Returns "" or why a mount failed.
+  std::string startVfs();
+  VfsRelay* relayFor(uint32_t stream);
   bool shutdown_ = false;
   bool flush_scheduled_ = false;
   bool mux_started_ = false;

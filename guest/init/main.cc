@@ -29,6 +29,7 @@
 #include <fstream>
 #include <map>
 #include <string>
+#include <vector>
 
 #include <nlohmann/json.hpp>
 
@@ -95,7 +96,7 @@ std::string findVirtioPort(const std::string& name) {
 }
 
 int serve(Fd channel, bool reconnectable, const std::string& cgroup_procs = "",
-          std::map<std::string, std::string> base_env = {}) {
+          std::map<std::string, std::string> base_env = {}, std::vector<VfsRelay::Spec> vfs = {}) {
   auto loop = ev::Loop::create();
   if (!loop) {
     logLine("event loop: {}", loop.error().toString());
@@ -105,6 +106,7 @@ int serve(Fd channel, bool reconnectable, const std::string& cgroup_procs = "",
   opts.reconnectable = reconnectable;
   opts.cgroup_procs = cgroup_procs;
   opts.base_env = std::move(base_env);
+  opts.vfs = std::move(vfs);
   opts.version = kVersion;
   auto agent = Agent::create(**loop, std::move(channel), opts);
   if (!agent) {
@@ -347,7 +349,20 @@ std::string setupCgroup(const std::string& cpus) {
     powerOff();
   }
   std::map<std::string, std::string> base_env;
+  std::vector<VfsRelay::Spec> vfs;
   if (boot.is_object()) {
+    if (auto mounts = boot.find("vfs"); mounts != boot.end() && mounts->is_array()) {
+      for (const auto& m : *mounts) {
+        VfsRelay::Spec spec;
+        spec.index = m.value("index", 0U);
+        spec.target = m.value("target", "");
+        spec.read_only = m.value("ro", false);
+        spec.file = m.value("file", false);
+        if (spec.target.starts_with("/")) {
+          vfs.push_back(std::move(spec));
+        }
+      }
+    }
     if (auto ca = boot.find("ca_pem"); ca != boot.end() && ca->is_string() && !ca->empty()) {
       installCa(ca->get<std::string>());
     }
@@ -406,7 +421,7 @@ std::string setupCgroup(const std::string& cpus) {
     logLine("open {}: {}", port, std::strerror(errno));
     powerOff();
   }
-  int rc = serve(std::move(channel), true, cgroup_procs, std::move(base_env));
+  int rc = serve(std::move(channel), true, cgroup_procs, std::move(base_env), std::move(vfs));
   logLine("agent finished ({}); powering off", rc);
   powerOff();
 }

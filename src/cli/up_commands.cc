@@ -179,14 +179,6 @@ std::map<std::string, reconcile::Desired> desiredOf(const spec::Project& project
 /// it starts instead of silently ignoring them; each sandbox still boots, offline and without them.
 std::vector<std::string> notYetWired(const spec::SandboxSpec& s) {
   std::vector<std::string> out;
-  if (std::ranges::any_of(s.mounts,
-                          [](const auto& m) { return m.mode != spec::MountMode::Memory; })) {
-    out.emplace_back("mounts: host directories are not attached yet (no VFS layer)");
-  }
-  if (std::ranges::any_of(s.mounts,
-                          [](const auto& m) { return m.mode == spec::MountMode::Memory; })) {
-    out.emplace_back("mounts: memory mounts are not attached yet");
-  }
   if (!s.ports.empty()) {
     out.emplace_back("ports: not forwarded yet");
   }

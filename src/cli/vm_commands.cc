@@ -14,6 +14,7 @@
 #include <ctime>
 #include <filesystem>
 #include <memory>
+#include <regex>
 #include <thread>
 
 #include <CLI/CLI.hpp>
@@ -69,7 +70,87 @@ struct RunOptions {
   bool allow_private = false;
   int mtu = spec::kDefaultMtu;
   std::string upstream_ca;
+  // Host-served filesystems (docs/vfs.md).
+  std::vector<std::string> volumes;  ///< HOST:GUEST[:overlay|host_fs|rw|ro|readonly]
+  std::string workspace;
 };
+
+/// Applies run's -v and --workspace with upstream's rules (reference §1.2.2): the host path is
+/// made absolute and must exist, a relative guest path is joined onto the workspace, an absolute
+/// one must lie within it, and the mode is a snapshot (overlay) unless asked otherwise.
+Status applyVolumeFlags(const RunOptions& o, spec::SandboxSpec& sb) {
+  static const std::regex kGuestPath("^/[a-zA-Z0-9/_.-]+$");
+  if (!o.workspace.empty() && o.volumes.empty()) {
+    return makeError(Errc::InvalidSpec, "vfs.workspace requires at least one vfs.mounts entry");
+  }
+  std::string workspace = o.workspace.empty() ? "/workspace" : o.workspace;
+  if (!std::regex_match(workspace, kGuestPath) && workspace != "/") {
+    return makeError(
+        Errc::InvalidSpec,
+        fmt::format("invalid workspace '{}': must match ^/[a-zA-Z0-9/_.-]+$", workspace));
+  }
+  while (workspace.size() > 1 && workspace.back() == '/') {
+    workspace.pop_back();
+  }
+  for (const std::string& v : o.volumes) {
+    std::vector<std::string> parts = split(v, ':');
+    if (parts.size() < 2 || parts.size() > 3 || parts[0].empty() || parts[1].empty()) {
+      return makeError(Errc::InvalidSpec,
+                       fmt::format("invalid volume mount '{}': expected HOST:GUEST[:OPT]", v));
+    }
+    spec::Mount m;
+    std::error_code ec;
+    m.source = std::filesystem::absolute(parts[0], ec).lexically_normal().string();
+    if (ec || !std::filesystem::exists(m.source, ec)) {
+      return makeError(
+          Errc::NotFound,
+          fmt::format("invalid volume mount '{}': host path {} does not exist", v, m.source));
+    }
+    std::string guest = parts[1];
+    if (!guest.starts_with("/")) {
+      guest = (workspace == "/" ? "" : workspace) + "/" + guest;
+    }
+    guest = std::filesystem::path(guest).lexically_normal().string();
+    while (guest.size() > 1 && guest.back() == '/') {
+      guest.pop_back();
+    }
+    if (!std::regex_match(guest, kGuestPath) || guest.find("/../") != std::string::npos ||
+        guest.ends_with("/..")) {
+      return makeError(Errc::InvalidSpec,
+                       fmt::format("invalid volume mount '{}': guest path '{}' must match "
+                                   "^/[a-zA-Z0-9/_.-]+$",
+                                   v, guest));
+    }
+    if (workspace != "/" && guest != workspace && !guest.starts_with(workspace + "/")) {
+      return makeError(Errc::InvalidSpec,
+                       fmt::format("invalid volume mount '{}': guest path must be within "
+                                   "workspace '{}'",
+                                   v, workspace));
+    }
+    m.target = guest;
+    std::string opt = parts.size() == 3 ? parts[2] : "overlay";
+    if (opt == "overlay") {
+      m.mode = spec::MountMode::Overlay;
+    } else if (opt == "host_fs" || opt == "rw") {
+      m.mode = spec::MountMode::ReadWrite;
+    } else if (opt == "ro" || opt == "readonly") {
+      m.mode = spec::MountMode::ReadOnly;
+    } else {
+      return makeError(Errc::InvalidSpec,
+                       fmt::format("invalid volume mount '{}': unknown option '{}' (overlay, "
+                                   "host_fs, ro)",
+                                   v, opt));
+    }
+    if (std::any_of(sb.mounts.begin(), sb.mounts.end(),
+                    [&](const spec::Mount& x) { return x.target == m.target; })) {
+      return makeError(
+          Errc::InvalidSpec,
+          fmt::format("invalid volume mount '{}': '{}' is already a mount target", v, m.target));
+    }
+    sb.mounts.push_back(std::move(m));
+  }
+  return ok();
+}
 
 /// Applies run's network flags to `sb`, with upstream's rules and messages (the secret flag is
 /// split at the last '@' and its host list at commas: upstream's comma quirk is fixed).
@@ -253,6 +334,7 @@ Result<int> runCommand(const RunOptions& o) {
     sb.user = o.user;
   }
   ML_RETURN_IF_ERROR(applyNetworkFlags(o, sb));
+  ML_RETURN_IF_ERROR(applyVolumeFlags(o, sb));
 
   ML_ASSIGN_OR_RETURN(std::string root, runtime::runRoot());
   std::string run_dir = runDirOf(root, id);
@@ -709,6 +791,11 @@ void addVmCommands(CLI::App& app, CommandContext& ctx) {
               "Do not block private, loopback, link-local and metadata ranges");
   r->add_option("--upstream-ca", run->upstream_ca,
                 "Extra CA bundle trusted for upstream TLS (verification is never off)");
+  r->add_option("-v,--volume", run->volumes,
+                "HOST:GUEST[:overlay|host_fs|ro] host path served into the guest (repeatable)")
+      ->allow_extra_args(false);
+  r->add_option("--workspace", run->workspace,
+                "Guest directory relative -v targets are joined onto (default /workspace)");
   r->add_option("command", run->command, "Command and arguments (after --)");
   r->callback([run, &ctx] { addExitCode(ctx, runCommand(*run)); });
 

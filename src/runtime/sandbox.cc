@@ -29,6 +29,7 @@
 #include "sys/netns.h"
 #include "sys/process.h"
 #include "sys/process_ref.h"
+#include "vfs/sandbox_vfs.h"
 #include "vm/initramfs.h"
 #include "vm/qemu/qemu.h"
 
@@ -285,7 +286,7 @@ Result<std::string> launch(state::Store& store, const spec::SandboxSpec& spec,
     return fail(std::move(st).error());
   }
   std::string events_path;
-  if (subnet) {
+  if (subnet || !spec.mounts.empty()) {
     auto home = matchlockHome();
     if (!home) {
       return fail(std::move(home).error());
@@ -343,6 +344,49 @@ Result<std::string> launch(state::Store& store, const spec::SandboxSpec& spec,
     }
     n.events_path = events_path;
   }
+  // Mounts: the supervisor serves them (docs/vfs.md). An overlay's upper layer lives with the
+  // sandbox's data: a declared sandbox keeps it across recreate (down -v deletes it), an ad-hoc
+  // one has it in the run dir.
+  const fs::path overlay_root =
+      (options.data_disk.empty() ? fs::path(run_dir) : fs::path(options.data_disk).parent_path()) /
+      "overlays";
+  for (const spec::Mount& m : spec.mounts) {
+    vfs::MountConfig mc;
+    mc.target = m.target;
+    mc.source = m.source;
+    switch (m.mode) {
+      case spec::MountMode::ReadWrite:
+        mc.kind = vfs::MountKind::ReadWrite;
+        break;
+      case spec::MountMode::ReadOnly:
+        mc.kind = vfs::MountKind::ReadOnly;
+        break;
+      case spec::MountMode::Overlay:
+        mc.kind = vfs::MountKind::Overlay;
+        break;
+      case spec::MountMode::Memory:
+        mc.kind = vfs::MountKind::Memory;
+        break;
+    }
+    if (mc.kind != vfs::MountKind::Memory) {
+      std::error_code exists_ec;
+      if (!fs::exists(mc.source, exists_ec)) {
+        return fail(Error(Errc::NotFound,
+                          fmt::format("sandbox {}: mount {}: source {} does not exist",
+                                      spec.name.empty() ? id : spec.name, m.target, m.source)));
+      }
+    }
+    if (mc.kind == vfs::MountKind::Overlay) {
+      std::string key = m.target.substr(1);
+      std::replace(key.begin(), key.end(), '/', '_');
+      mc.overlay_dir = (overlay_root / key).string();
+      if (Status st = makeDirs(overlay_root.string(), 0700); !st) {
+        return fail(std::move(st).error());
+      }
+    }
+    cfg.vfs.mounts.push_back(std::move(mc));
+  }
+  cfg.vfs.events_path = events_path;
   std::map<std::string, std::string> resolved;
   const std::map<std::string, std::string>* values = options.secret_values;
   if (values == nullptr && !spec.secrets.empty()) {

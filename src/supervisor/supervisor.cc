@@ -5,6 +5,7 @@
 #include <fmt/format.h>
 #include <poll.h>
 #include <signal.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
@@ -75,6 +76,7 @@ nlohmann::json toJson(const Config& c) {
                                                            {"restart", c.main_process->restart}}
                                           : nlohmann::json()},
           {"network", net::toJson(c.network)},
+          {"vfs", vfs::toJson(c.vfs)},
           {"add_hosts", c.add_hosts},
           {"boot_config_path", c.boot_config_path}};
 }
@@ -113,6 +115,9 @@ Result<Config> configFromJson(const nlohmann::json& j) {
     }
     if (auto n = j.find("network"); n != j.end() && n->is_object()) {
       ML_ASSIGN_OR_RETURN(c.network, net::networkConfigFromJson(*n));
+    }
+    if (auto v = j.find("vfs"); v != j.end() && v->is_object()) {
+      ML_ASSIGN_OR_RETURN(c.vfs, vfs::vfsConfigFromJson(*v));
     }
     c.add_hosts = j.value("add_hosts", std::map<std::string, std::string>{});
     c.boot_config_path = j.value("boot_config_path", std::string());
@@ -345,6 +350,8 @@ class Supervisor {
  private:
   void record(state::SandboxStatus status, const std::string& error = "");
   Status startNetwork(sys::SpawnOptions& qemu_opts);
+  Status startVfs();
+  void onVfsData(uint32_t stream, std::string_view data);
   void onQemuExit();
   void tryConnectChannel();
   void onChannel(uint32_t events);
@@ -366,6 +373,7 @@ class Supervisor {
   ev::Loop& loop_;
   std::optional<state::Store> store_;
   std::unique_ptr<net::SandboxNetwork> network_;
+  std::unique_ptr<vfs::SandboxVfs> vfs_;
   sys::ChildProcess qemu_;
   ev::Watch qemu_watch_;
   sys::ChildProcess main_;  ///< `matchlock __main`, once the guest is ready
@@ -430,6 +438,7 @@ Status Supervisor::start() {
   sys::SpawnOptions opts;
   opts.stdout_path = config_.run_dir + "/qemu.log";
   opts.stderr_path = opts.stdout_path;
+  ML_RETURN_IF_ERROR(startVfs());
   ML_RETURN_IF_ERROR(startNetwork(opts));
   (void)::unlink(config_.vm.channel_socket.c_str());
   ML_ASSIGN_OR_RETURN(vm::BackendPtr backend, vm::makeBackend(config_.backend));
@@ -478,6 +487,9 @@ Status Supervisor::startNetwork(sys::SpawnOptions& qemu_opts) {
     hosts.push_back({{"host", host}, {"ip", ip}});
   }
   boot["hosts"] = hosts;
+  if (vfs_) {
+    boot["vfs"] = vfs_->bootConfig();
+  }
   if (config_.network.enabled) {
     ML_ASSIGN_OR_RETURN(network_, net::SandboxNetwork::create(config_.network, secret_values));
     if (store_) {
@@ -511,6 +523,32 @@ Status Supervisor::startNetwork(sys::SpawnOptions& qemu_opts) {
   return ok();
 }
 
+/// The VFS layer's part of the boot: every mount's host tree opened (a missing source fails the
+/// start here, before the VM exists), served once the guest opens its streams.
+Status Supervisor::startVfs() {
+  if (config_.vfs.mounts.empty()) {
+    return ok();
+  }
+  ML_ASSIGN_OR_RETURN(
+      vfs_, vfs::SandboxVfs::create(config_.vfs, [this](uint32_t stream, std::string&& bytes) {
+        if (mux_) {
+          (void)mux_->send(stream, bytes);
+        }
+      }));
+  return ok();
+}
+
+void Supervisor::onVfsData(uint32_t stream, std::string_view data) {
+  Status st = vfs_->onData(stream, data);
+  mux_->consumed(stream, data.size());
+  if (!st) {
+    // A guest that breaks the framing loses that filesystem, not the sandbox.
+    ML_LOG(supervisor, warn, "sandbox {}: {}", config_.sandbox_id, st.error().message());
+    mux_->reset(stream, 1, st.error().message());
+    vfs_->onClosed(stream);
+  }
+}
+
 void Supervisor::tryConnectChannel() {
   auto fd = connectUnix(config_.vm.channel_socket);
   if (!fd) {
@@ -522,11 +560,17 @@ void Supervisor::tryConnectChannel() {
   cb.on_open = [this](uint32_t stream, uint32_t port) {
     if (port == guestproto::kPortReady) {
       ready_streams_[stream] = "";
+    } else if (port == guestproto::kPortVfs && vfs_) {
+      vfs_->onOpen(stream);
     } else {
       mux_->reset(stream, 3, "the host serves no ports");
     }
   };
   cb.on_data = [this](uint32_t stream, std::string_view data) {
+    if (vfs_ && vfs_->owns(stream)) {
+      onVfsData(stream, data);
+      return;
+    }
     if (auto it = ready_streams_.find(stream); it != ready_streams_.end()) {
       it->second.append(data);
       mux_->consumed(stream, data.size());
@@ -539,6 +583,11 @@ void Supervisor::tryConnectChannel() {
     }
   };
   cb.on_close = [this](uint32_t stream) {
+    if (vfs_ && vfs_->owns(stream)) {
+      (void)mux_->closeWrite(stream);
+      vfs_->onClosed(stream);
+      return;
+    }
     if (auto it = ready_streams_.find(stream); it != ready_streams_.end()) {
       std::string status = it->second;
       ready_streams_.erase(it);
@@ -553,6 +602,10 @@ void Supervisor::tryConnectChannel() {
     }
   };
   cb.on_reset = [this](uint32_t stream, uint32_t, std::string_view message) {
+    if (vfs_ && vfs_->owns(stream)) {
+      vfs_->onClosed(stream);
+      return;
+    }
     if (Client* c = clientForStream(stream)) {
       c->stream = 0;
       closeClient(c, fmt::format("guest reset the exec stream: {}", message));
@@ -617,6 +670,21 @@ void Supervisor::flushChannel() {
 }
 
 void Supervisor::onReady(std::string_view status_json) {
+  auto status = nlohmann::json::parse(status_json, nullptr, false);
+  if (status.is_object() && !status.value("ok", true)) {
+    // The guest could not set itself up (a mount failed): the boot fails with its reason.
+    Error err(Errc::Unavailable,
+              fmt::format("guest setup failed: {}", status.value("error", "unknown reason")));
+    ML_LOG(supervisor, err, "sandbox {}: {}", config_.sandbox_id, err.message());
+    boot_timer_ = ev::Timer();
+    for (auto& c : clients_) {
+      closeClient(c.get(), err.message());
+    }
+    result_ = makeError(err);
+    record(state::SandboxStatus::Failed, err.message());
+    (void)qemu_.signal(SIGKILL);
+    return;
+  }
   ready_ = true;
   boot_timer_ = ev::Timer();
   auto ms = std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::steady_clock::now() -
@@ -767,7 +835,12 @@ void Supervisor::handleRequest(Client* c, const nlohmann::json& req) {
   std::string op = req.value("op", "");
   // Each layer serves its own verbs.
   std::optional<nlohmann::json> layer_reply;
-  if (network_) {
+  if (vfs_) {
+    layer_reply = vfs_->handleControl(req);
+  }
+  if (layer_reply) {
+    // served by the VFS layer
+  } else if (network_) {
     layer_reply = network_->handleControl(req);
   } else if (op == "allow_list" || op == "network_update") {
     layer_reply = nlohmann::json{
@@ -785,6 +858,7 @@ void Supervisor::handleRequest(Client* c, const nlohmann::json& req) {
                         {"state", ready_ ? "running" : (stopping_ ? "stopping" : "booting")},
                         {"vm_pid", qemu_.pid()},
                         {"network", network_ != nullptr},
+                        {"vfs", vfs_ != nullptr},
                         {"accel", std::string(vm::toString(config_.vm.accel))}};
     c->out += s.dump() + "\n";
     c->closing = true;
@@ -944,6 +1018,7 @@ void Supervisor::finish(Status status) {
   }
   listener_watch_.reset();
   network_.reset();  // the proxy thread stops; the namespace, TAP and table go
+  vfs_.reset();      // open host files closed, overlay mounts gone with their last fd
   (void)::unlink(controlSocketPath(config_.run_dir).c_str());
   (void)::unlink(config_.vm.channel_socket.c_str());
   (void)::unlink(config_.vm.control_socket.c_str());
@@ -953,6 +1028,17 @@ void Supervisor::finish(Status status) {
 }  // namespace
 
 Status run(const Config& config) {
+  if (!config.vfs.mounts.empty()) {
+    // Every node the guest's kernel keeps of a host tree is an O_PATH fd here (docs/vfs.md).
+    rlimit lim{};
+    if (::getrlimit(RLIMIT_NOFILE, &lim) == 0 && lim.rlim_cur < (rlim_t{1} << 20)) {
+      rlimit want{rlim_t{1} << 20, std::max<rlim_t>(lim.rlim_max, rlim_t{1} << 20)};
+      if (::setrlimit(RLIMIT_NOFILE, &want) != 0) {
+        lim.rlim_cur = lim.rlim_max;
+        (void)::setrlimit(RLIMIT_NOFILE, &lim);
+      }
+    }
+  }
   ML_ASSIGN_OR_RETURN(auto loop, ev::Loop::create());
   Supervisor s(config, *loop);
   if (Status st = s.start(); !st) {

@@ -11,6 +11,7 @@
 
 #include "common/result.h"
 #include "net/sandbox_network.h"
+#include "vfs/sandbox_vfs.h"
 #include "vm/backend.h"
 
 namespace matchlock::supervisor {
@@ -46,6 +47,8 @@ struct Config {
   /// The sandbox's network (disabled = no NIC at all). Secret values are not in here: they come
   /// through `secrets_fd`.
   net::NetworkConfig network;
+  /// Host-served filesystems (no mounts = no VFS layer).
+  vfs::VfsConfig vfs;
   /// Guest /etc/hosts additions (host name -> IP).
   std::map<std::string, std::string> add_hosts;
   /// Where the boot config disk (JSON the guest reads at boot: env, CA, hosts) is written.
