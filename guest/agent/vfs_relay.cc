@@ -12,6 +12,9 @@
 #include <filesystem>
 
 #include "guest/agent/log.h"
+#ifdef ML_HOSTILE_VFS
+#include "guest/agent/hostile_vfs.h"
+#endif
 #include "guestproto/frame.h"
 
 namespace matchlock::guest {
@@ -27,6 +30,10 @@ constexpr uint32_t kMagic = 0x4d4c5646;  // "MLVF": the stream preamble (docs/vf
 }  // namespace
 
 Result<std::unique_ptr<VfsRelay>> VfsRelay::mount(ev::Loop& loop, const Spec& spec) {
+#ifdef ML_HOSTILE_VFS
+  // The hostile test guest mounts nothing: it speaks for a kernel itself (hostile_vfs.h).
+  return std::unique_ptr<VfsRelay>(new VfsRelay(loop, spec, Fd()));
+#endif
   std::error_code ec;
   std::filesystem::path target(spec.target);
   std::filesystem::create_directories(spec.file ? target.parent_path() : target, ec);
@@ -69,6 +76,12 @@ Status VfsRelay::attach(guestproto::Mux& mux, uint32_t stream, std::function<voi
   guestproto::putU16(preamble, 0);  // flags
   guestproto::putU32(preamble, spec_.index);
   ML_RETURN_IF_ERROR(mux.send(stream, preamble));
+#ifdef ML_HOSTILE_VFS
+  hostile_ = std::make_unique<HostileReplies>();
+  std::string attack = hostileVfsRequests(spec_.index + 20261202);
+  logLine("hostile vfs {}: sending {} bytes of hostile requests", spec_.target, attack.size());
+  return mux.send(stream, attack);
+#endif
   buf_.resize(kRequestBuffer);
   ML_ASSIGN_OR_RETURN(watch_,
                       loop_.watch(fuse_.get(), ev::kRead, [this](uint32_t) { onReadable(); }));
@@ -117,6 +130,12 @@ void VfsRelay::onData(std::string_view data) {
   if (mux_ != nullptr) {
     mux_->consumed(stream_, data.size());
   }
+#ifdef ML_HOSTILE_VFS
+  if (!hostile_->feed(std::string(data))) {
+    logLine("hostile vfs {}: MALFORMED reply after {} replies", spec_.target, hostile_->replies());
+  }
+  return;
+#endif
   replies_.append(data);
   size_t pos = 0;
   while (replies_.size() - pos >= sizeof(fuse_out_header)) {
@@ -142,6 +161,12 @@ void VfsRelay::onData(std::string_view data) {
 }
 
 void VfsRelay::detach() {
+#ifdef ML_HOSTILE_VFS
+  if (hostile_ && mux_ != nullptr) {
+    logLine("hostile vfs {}: stream ended after {} replies ({} errors)", spec_.target,
+            hostile_->replies(), hostile_->errors());
+  }
+#endif
   // Closing the device aborts the connection: pending and later requests fail with ENOTCONN
   // instead of hanging on a host that will not answer.
   watch_.reset();

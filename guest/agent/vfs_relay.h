@@ -11,6 +11,9 @@
 #include "common/result.h"
 #include "ev/loop.h"
 #include "guestproto/mux.h"
+#ifdef ML_HOSTILE_VFS
+#include "guest/agent/hostile_vfs.h"
+#endif
 
 namespace matchlock::guest {
 
@@ -62,6 +65,9 @@ class VfsRelay {
   std::string buf_;      ///< one request
   std::string replies_;  ///< host bytes not yet forming a whole reply
   bool paused_ = false;
+#ifdef ML_HOSTILE_VFS
+  std::unique_ptr<HostileReplies> hostile_;
+#endif
 };
 
 }  // namespace matchlock::guest

@@ -391,3 +391,64 @@ def test_up_attaches_spec_mounts_and_keeps_overlay_data(env, trees, tmp_path):
         env.run("down", "-p", "vfsdemo", "-v", timeout=300)
     assert not (env.home / "data" / "vfsdemo" / "agent").exists()
     assert tree_digest(trees["ov"]) == before
+
+
+def test_hostile_guest_cannot_break_or_escape_the_server(env, tmp_path):
+    """matchlock-guest-hostile speaks for a FUSE kernel itself: escapes by name, forged node and
+    handle ids, lying lengths, 20,000 random requests, then bytes that cannot be framed."""
+    hostile = pathlib.Path(env.binary).parent / "matchlock-guest-hostile"
+    assert hostile.exists(), "build the matchlock-guest-hostile target"
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret.txt").write_text("host secret\n")
+    rw = tmp_path / "rw"
+    rw.mkdir()
+    (rw / "hello.txt").write_text("hello\n")
+    os.symlink(str(outside / "secret.txt"), rw / "abs_link")
+    os.symlink("../outside/secret.txt", rw / "rel_link")
+    os.symlink(str(outside), rw / "dir_link")
+    os.link(outside / "secret.txt", rw / "hard_link")
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    (ro / "data.txt").write_text("ro\n")
+    before_outside = tree_digest(outside)
+    before_ro = tree_digest(ro)
+    p = env.run("run", "-d", "--image", "agent:latest", "--no-network",
+                "-v", f"{rw}:/workspace/rw:host_fs", "-v", f"{ro}:/workspace/ro:ro",
+                env={"MATCHLOCK_GUEST": str(hostile)}, timeout=300)
+    assert p.returncode == 0, p.stdout + p.stderr
+    sid = p.stdout.strip().splitlines()[-1]
+    try:
+        console = env.home / "run" / sid / "console.log"
+        for _ in range(600):
+            text = console.read_text(errors="replace") if console.exists() else ""
+            if text.count("stream ended after") >= 2:
+                break
+            time.sleep(0.5)
+        assert text.count("stream ended after") >= 2, text[-3000:]
+        assert "MALFORMED" not in text, text[-3000:]
+        # The server answered thousands of requests, then reset only the VFS streams: the
+        # supervisor and the guest's exec channel are fine.
+        replies = [int(line.split("after ")[1].split()[0]) for line in text.splitlines()
+                   if "stream ended after" in line]
+        assert all(n > 15000 for n in replies), replies  # FORGET and INTERRUPT get no reply
+        r = env.run("exec", sid, "--", "echo", "still alive", timeout=60)
+        assert r.returncode == 0 and "still alive" in r.stdout, r.stderr
+        log = (env.home / "run" / sid / "supervisor.log").read_text()
+        assert "cannot be framed" in log, log[-2000:]
+    finally:
+        env.run("kill", sid, timeout=60)
+        env.run("rm", "-f", sid, timeout=60)
+    assert tree_digest(outside) == before_outside
+    assert tree_digest(ro) == before_ro
+    # Nothing appeared next to the mounts, and nothing in them is a device, setuid or a link
+    # to an outside file.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["outside", "ro", "rw"]
+    for dirpath, dirnames, filenames in os.walk(rw):
+        for name in dirnames + filenames:
+            st = (pathlib.Path(dirpath) / name).lstat()
+            assert not stat.S_ISCHR(st.st_mode) and not stat.S_ISBLK(st.st_mode), name
+            assert not st.st_mode & (stat.S_ISUID | stat.S_ISGID), name
+            if stat.S_ISREG(st.st_mode) and name != "hard_link":
+                assert st.st_nlink == 1, name
+    assert (outside / "secret.txt").stat().st_nlink == 2  # only the test's own hard link
