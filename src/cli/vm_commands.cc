@@ -32,6 +32,8 @@
 #include "runtime/exec_client.h"
 #include "runtime/main_process.h"
 #include "runtime/sandbox.h"
+#include "runtime/volumes.h"
+#include "spec/decode.h"
 #include "spec/model.h"
 #include "spec/normalize.h"
 #include "state/store.h"
@@ -73,7 +75,33 @@ struct RunOptions {
   // Host-served filesystems (docs/vfs.md).
   std::vector<std::string> volumes;  ///< HOST:GUEST[:overlay|host_fs|rw|ro|readonly]
   std::string workspace;
+  std::vector<std::string> disks;  ///< HOST_PATH:GUEST_MOUNT[:ro] or @VOLUME:GUEST_MOUNT[:ro]
 };
+
+/// Applies run's --disk flags (reference §1.2.3) after the -v mounts: a disk must not sit inside
+/// a VFS mount, which would shadow it.
+Status applyDiskFlags(const RunOptions& o, spec::SandboxSpec& sb) {
+  for (const std::string& arg : o.disks) {
+    ML_ASSIGN_OR_RETURN(spec::Mount m, runtime::parseDiskFlag(arg));
+    if (std::any_of(sb.mounts.begin(), sb.mounts.end(),
+                    [&](const spec::Mount& x) { return x.target == m.target; })) {
+      return makeError(
+          Errc::InvalidSpec,
+          fmt::format("invalid disk mount '{}': '{}' is already a mount target", arg, m.target));
+    }
+    if (std::string parent = spec::shadowingVfsMount(sb.mounts, m.target); !parent.empty()) {
+      return makeError(Errc::InvalidSpec,
+                       fmt::format("invalid disk mount '{}': '{}' would be shadowed by the mount "
+                                   "at '{}'",
+                                   arg, m.target, parent));
+    }
+    // Fail before anything is recorded when a named volume does not exist.
+    ML_ASSIGN_OR_RETURN(std::string image, runtime::diskImageOf(m));
+    (void)image;
+    sb.mounts.push_back(std::move(m));
+  }
+  return ok();
+}
 
 /// Applies run's -v and --workspace with upstream's rules (reference §1.2.2): the host path is
 /// made absolute and must exist, a relative guest path is joined onto the workspace, an absolute
@@ -292,6 +320,12 @@ Result<int> runCommand(const RunOptions& o) {
     return makeError(Errc::InvalidSpec, "--cpus must be greater than 0 and at most 256");
   }
   bool keep = !o.rm || o.detach;
+  {
+    // Mount and disk flags are checked before the image is resolved (a pull may take minutes).
+    spec::SandboxSpec scratch;
+    ML_RETURN_IF_ERROR(applyVolumeFlags(o, scratch));
+    ML_RETURN_IF_ERROR(applyDiskFlags(o, scratch));
+  }
 
   // Resolve everything that can fail before any state exists.
   ML_ASSIGN_OR_RETURN(std::string image_root, image::Store::defaultRoot());
@@ -335,6 +369,7 @@ Result<int> runCommand(const RunOptions& o) {
   }
   ML_RETURN_IF_ERROR(applyNetworkFlags(o, sb));
   ML_RETURN_IF_ERROR(applyVolumeFlags(o, sb));
+  ML_RETURN_IF_ERROR(applyDiskFlags(o, sb));
 
   ML_ASSIGN_OR_RETURN(std::string root, runtime::runRoot());
   std::string run_dir = runDirOf(root, id);
@@ -403,6 +438,11 @@ Result<int> runCommand(const RunOptions& o) {
   auto current = store.getSandbox(id);
   if (current) {
     // --rm discards the upper disk, so a clean guest power-off buys nothing: kill and remove.
+    // Unless a volume or disk is attached: the guest's power-off syncs what was written to it.
+    if (std::any_of(sb.mounts.begin(), sb.mounts.end(),
+                    [](const spec::Mount& m) { return spec::isBlockMount(m.mode); })) {
+      runtime::stop(store, *current, root);
+    }
     ML_RETURN_IF_ERROR(runtime::remove(store, *current, root, false));
   }
   return code;
@@ -604,7 +644,29 @@ Status eventsCommand(const std::string& id, bool follow, bool json) {
         continue;
       }
       auto e = nlohmann::json::parse(ev, nullptr, false);
-      if (!e.is_object() || !e.contains("network")) {
+      if (!e.is_object()) {
+        continue;
+      }
+      if (auto f = e.find("file"); f != e.end() && f->is_object()) {
+        // File events carry milliseconds (upstream's shape).
+        std::time_t t = e.value("timestamp", int64_t{0}) / 1000;
+        char when[32] = {};
+        (void)std::strftime(when, sizeof(when), "%Y-%m-%d %H:%M:%S", std::localtime(&t));
+        std::string line =
+            fmt::format("{} file {} {}", when, f->value("op", "?"), f->value("path", ""));
+        if (f->value("size", uint64_t{0}) > 0) {
+          line += fmt::format(" {} bytes", f->value("size", uint64_t{0}));
+        }
+        if (f->contains("error")) {
+          line += fmt::format(" BLOCKED: {}", f->value("error", ""));
+          if (f->contains("rule")) {
+            line += fmt::format(" (rule {})", f->value("rule", ""));
+          }
+        }
+        fmt::print("{}\n", line);
+        continue;
+      }
+      if (!e.contains("network")) {
         continue;
       }
       const auto& n = e["network"];
@@ -793,6 +855,10 @@ void addVmCommands(CLI::App& app, CommandContext& ctx) {
                 "Extra CA bundle trusted for upstream TLS (verification is never off)");
   r->add_option("-v,--volume", run->volumes,
                 "HOST:GUEST[:overlay|host_fs|ro] host path served into the guest (repeatable)")
+      ->allow_extra_args(false);
+  r->add_option("--disk", run->disks,
+                "Raw ext4 disk HOST_PATH:GUEST_MOUNT[:ro], or a named volume "
+                "@VOLUME:GUEST_MOUNT[:ro] (repeatable)")
       ->allow_extra_args(false);
   r->add_option("--workspace", run->workspace,
                 "Guest directory relative -v targets are joined onto (default /workspace)");

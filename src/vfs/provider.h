@@ -87,7 +87,8 @@ class Provider {
   virtual Ret<struct stat> setattr(uint64_t node, const SetAttr& in, uint64_t fh) = 0;
   virtual Ret<std::string> readlink(uint64_t node) = 0;
 
-  /// Regular files and FIFOs only: device nodes and sockets are refused (EPERM).
+  /// Regular files, FIFOs and sockets (inert nodes the guest kernel gives meaning to); device
+  /// nodes are refused (EPERM).
   virtual Ret<Entry> mknod(uint64_t parent, std::string_view name, uint32_t mode, uint32_t rdev,
                            const Caller& caller) = 0;
   virtual Ret<Entry> mkdir(uint64_t parent, std::string_view name, uint32_t mode,

@@ -301,8 +301,9 @@ class HostProvider final : public Provider {
     if (type == 0) {
       type = S_IFREG;  // mknod(2): a zero type is a regular file
     }
-    // No device can be made on the host; a FIFO is harmless since it is never opened here.
-    if (type != S_IFREG && type != S_IFIFO) {
+    // No device can be made on the host. A FIFO or a socket is an inert node here (never opened
+    // by the server); the guest kernel gives it its meaning (bind(2) of a Unix socket, a pipe).
+    if (type != S_IFREG && type != S_IFIFO && type != S_IFSOCK) {
       return fail(EPERM);
     }
     auto dir = newChildDir(parent, name);

@@ -266,10 +266,10 @@ class MemoryProvider final : public Provider {
     if (type == 0) {
       type = S_IFREG;  // as mknod(2)
     }
-    if (type == S_IFCHR || type == S_IFBLK || type == S_IFSOCK) {
+    if (type == S_IFCHR || type == S_IFBLK) {
       return fail(EPERM);
     }
-    if (type != S_IFREG && type != S_IFIFO) {
+    if (type != S_IFREG && type != S_IFIFO && type != S_IFSOCK) {
       return fail(EINVAL);
     }
     auto made = makeChild(parent, name, type | (mode & kPermMask), caller, 0);
