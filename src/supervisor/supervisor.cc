@@ -352,6 +352,7 @@ class Supervisor {
   Status startNetwork(sys::SpawnOptions& qemu_opts);
   Status startVfs();
   void onVfsData(uint32_t stream, std::string_view data);
+  void resetVfsStream(uint32_t stream, const Error& error);
   void onQemuExit();
   void tryConnectChannel();
   void onChannel(uint32_t events);
@@ -529,24 +530,34 @@ Status Supervisor::startVfs() {
   if (config_.vfs.mounts.empty()) {
     return ok();
   }
-  ML_ASSIGN_OR_RETURN(
-      vfs_, vfs::SandboxVfs::create(config_.vfs, [this](uint32_t stream, std::string&& bytes) {
-        if (mux_) {
-          (void)mux_->send(stream, bytes);
-        }
-      }));
+  vfs::SandboxVfs::Channel channel;
+  channel.send = [this](uint32_t stream, std::string&& bytes) {
+    if (mux_) {
+      (void)mux_->send(stream, bytes);
+    }
+  };
+  channel.consumed = [this](uint32_t stream, size_t n) {
+    if (mux_) {
+      mux_->consumed(stream, n);
+    }
+  };
+  channel.pending = [this](uint32_t stream) { return mux_ ? mux_->pendingBytes(stream) : 0; };
+  ML_ASSIGN_OR_RETURN(vfs_, vfs::SandboxVfs::create(config_.vfs, std::move(channel)));
   return ok();
 }
 
 void Supervisor::onVfsData(uint32_t stream, std::string_view data) {
-  Status st = vfs_->onData(stream, data);
-  mux_->consumed(stream, data.size());
-  if (!st) {
-    // A guest that breaks the framing loses that filesystem, not the sandbox.
-    ML_LOG(supervisor, warn, "sandbox {}: {}", config_.sandbox_id, st.error().message());
-    mux_->reset(stream, 1, st.error().message());
-    vfs_->onClosed(stream);
+  // Credit goes back to the guest as requests are processed (SandboxVfs), not on arrival.
+  if (Status st = vfs_->onData(stream, data); !st) {
+    resetVfsStream(stream, st.error());
   }
+}
+
+void Supervisor::resetVfsStream(uint32_t stream, const Error& error) {
+  // A guest that breaks the framing loses that filesystem, not the sandbox.
+  ML_LOG(supervisor, warn, "sandbox {}: {}", config_.sandbox_id, error.message());
+  mux_->reset(stream, 1, error.message());
+  vfs_->onClosed(stream);
 }
 
 void Supervisor::tryConnectChannel() {
@@ -661,6 +672,20 @@ void Supervisor::flushChannel() {
     return;
   }
   (void)channel_watch_.setEvents(ev::kRead | (channel_out_.empty() ? 0 : ev::kWrite));
+  if (vfs_) {
+    // Queued replies may have drained: paused VFS streams go on.
+    for (auto& [stream, error] : vfs_->resume()) {
+      resetVfsStream(stream, error);
+    }
+    if (mux_->hasOutput()) {
+      channel_out_ += mux_->takeOutput();
+      if (!writeSome(channel_.get(), channel_out_)) {
+        channel_watch_.reset();
+        return;
+      }
+      (void)channel_watch_.setEvents(ev::kRead | (channel_out_.empty() ? 0 : ev::kWrite));
+    }
+  }
   // Output credit may have arrived: clients paused on a full guest window can go on.
   for (auto& c : clients_) {
     if (c->stream != 0 && mux_->pendingBytes(c->stream) < kReadChunk) {

@@ -179,8 +179,8 @@ Result<VfsConfig> vfsConfigFromJson(const nlohmann::json& j) {
   return c;
 }
 
-Result<std::unique_ptr<SandboxVfs>> SandboxVfs::create(const VfsConfig& config, SendFn send) {
-  std::unique_ptr<SandboxVfs> v(new SandboxVfs(std::move(send)));
+Result<std::unique_ptr<SandboxVfs>> SandboxVfs::create(const VfsConfig& config, Channel channel) {
+  std::unique_ptr<SandboxVfs> v(new SandboxVfs(std::move(channel)));
   ML_RETURN_IF_ERROR(v->openMounts(config));
   if (!config.events_path.empty()) {
     ML_ASSIGN_OR_RETURN(v->events_, EventLog::shared(config.events_path));
@@ -311,8 +311,9 @@ Status SandboxVfs::startConnection(uint32_t stream, Stream& s) {
     };
   }
   s.conn = std::make_unique<fuse::Connection>(
-      std::move(points), [this, stream](std::string&& b) { send_(stream, std::move(b)); },
+      std::move(points), [this, stream](std::string&& b) { channel_.send(stream, std::move(b)); },
       std::move(events), fuse::Limits{});
+  s.conn->setGate([this, stream] { return channel_.pending(stream) < kMaxQueuedReplies; });
   tree_busy_[index] = true;
   stream_tree_[stream] = index;
   return ok();
@@ -328,6 +329,7 @@ Status SandboxVfs::onData(uint32_t stream, std::string_view data) {
     size_t take = std::min(data.size(), kVfsPreambleSize - s.preamble.size());
     s.preamble.append(data.substr(0, take));
     data.remove_prefix(take);
+    channel_.consumed(stream, take);
     if (s.preamble.size() < kVfsPreambleSize) {
       return ok();
     }
@@ -336,7 +338,30 @@ Status SandboxVfs::onData(uint32_t stream, std::string_view data) {
   if (data.empty()) {
     return ok();
   }
-  return s.conn->receive(data);
+  Status st = s.conn->receive(data);
+  grant(stream, s);
+  return st;
+}
+
+void SandboxVfs::grant(uint32_t stream, Stream& s) {
+  if (size_t n = s.conn->takeConsumed(); n > 0) {
+    channel_.consumed(stream, n);
+  }
+}
+
+std::vector<std::pair<uint32_t, Error>> SandboxVfs::resume() {
+  std::vector<std::pair<uint32_t, Error>> failed;
+  for (auto& [stream, s] : streams_) {
+    if (!s.conn || channel_.pending(stream) >= kMaxQueuedReplies) {
+      continue;
+    }
+    if (Status st = s.conn->process(); !st) {
+      failed.emplace_back(stream, st.error());
+      continue;
+    }
+    grant(stream, s);
+  }
+  return failed;
 }
 
 void SandboxVfs::onClosed(uint32_t stream) {

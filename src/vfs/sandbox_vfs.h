@@ -47,11 +47,19 @@ Result<VfsConfig> vfsConfigFromJson(const nlohmann::json& j);
 /// guest-opened channel stream of port 5001. Runs on the supervisor's loop thread.
 class SandboxVfs {
  public:
-  /// Sends bytes on a channel stream.
-  using SendFn = std::function<void(uint32_t stream, std::string&& bytes)>;
+  /// The channel as the layer uses it: send bytes on a stream, grant the guest credit for bytes
+  /// processed, and how much output waits for the guest's credit.
+  struct Channel {
+    std::function<void(uint32_t stream, std::string&& bytes)> send;
+    std::function<void(uint32_t stream, size_t n)> consumed;
+    std::function<size_t(uint32_t stream)> pending;
+  };
+  /// Replies queued beyond this on a stream pause its requests (a guest that stops reading
+  /// cannot make the host buffer without bound).
+  static constexpr size_t kMaxQueuedReplies = 4U << 20;
 
   [[nodiscard]] static Result<std::unique_ptr<SandboxVfs>> create(const VfsConfig& config,
-                                                                  SendFn send);
+                                                                  Channel channel);
   ~SandboxVfs();
   SandboxVfs(const SandboxVfs&) = delete;
   SandboxVfs& operator=(const SandboxVfs&) = delete;
@@ -64,6 +72,9 @@ class SandboxVfs {
   /// Data of a VFS stream. An error means the stream broke the protocol: reset it.
   Status onData(uint32_t stream, std::string_view data);
   void onClosed(uint32_t stream);
+  /// The channel sent queued output: paused streams go on. Errors as for onData (the stream
+  /// must be reset); returns the streams that failed.
+  std::vector<std::pair<uint32_t, Error>> resume();
   bool owns(uint32_t stream) const { return streams_.contains(stream); }
 
   /// Control verbs of the layer ("vfs_status"); nullopt for a verb that is not ours.
@@ -85,11 +96,12 @@ class SandboxVfs {
     bool read_only = false;
   };
 
-  explicit SandboxVfs(SendFn send) : send_(std::move(send)) {}
+  explicit SandboxVfs(Channel channel) : channel_(std::move(channel)) {}
+  void grant(uint32_t stream, Stream& s);
   Status openMounts(const VfsConfig& config);
   Status startConnection(uint32_t stream, Stream& s);
 
-  SendFn send_;
+  Channel channel_;
   std::vector<Mount> mounts_;
   std::vector<Tree> trees_;
   std::vector<bool> tree_busy_;

@@ -145,9 +145,19 @@ Status Connection::receive(std::string_view bytes) {
     return makeError(Errc::Protocol, "vfs: the stream already broke its framing");
   }
   in_.append(bytes);
+  return process();
+}
+
+Status Connection::process() {
+  if (failed_) {
+    return makeError(Errc::Protocol, "vfs: the stream already broke its framing");
+  }
   size_t pos = 0;
   const size_t max_len = kInHeader + sizeof(fuse_write_in) + limits_.max_write + 4096;
   while (in_.size() - pos >= sizeof(uint32_t)) {
+    if (may_reply_ && !may_reply_()) {
+      break;  // replies are piling up: the rest waits (and so does the guest's credit)
+    }
     uint32_t len = 0;
     std::memcpy(&len, in_.data() + pos, sizeof(len));
     if (len < kInHeader || len > max_len) {
@@ -163,7 +173,14 @@ Status Connection::receive(std::string_view bytes) {
     pos += len;
   }
   in_.erase(0, pos);
+  consumed_ += pos;
   return ok();
+}
+
+size_t Connection::takeConsumed() {
+  size_t n = consumed_;
+  consumed_ = 0;
+  return n;
 }
 
 void Connection::reply(uint64_t unique, int error, std::string_view payload) {

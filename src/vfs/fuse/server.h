@@ -59,6 +59,15 @@ class Connection {
   /// framed: a length below a header or above the largest request we accept. Requests that
   /// frame but do not parse are answered with an errno.
   Status receive(std::string_view bytes);
+  /// Processes requests that were held back (see setGate()).
+  Status process();
+  /// Bytes of requests processed since the last call: what the stream may grant back to the
+  /// guest. Credit follows processing, so a guest that does not read its replies stops being
+  /// served instead of making the host buffer them.
+  size_t takeConsumed();
+  /// Requests are processed only while `may_reply` says so (e.g. while the stream's queued
+  /// output is below a bound); the rest stays buffered until process().
+  void setGate(std::function<bool()> may_reply) { may_reply_ = std::move(may_reply); }
 
   uint64_t requests() const { return requests_; }
   size_t liveNodes() const { return nodes_.size(); }
@@ -115,6 +124,8 @@ class Connection {
   EventFn events_;
   Limits limits_;
   std::string in_;
+  size_t consumed_ = 0;
+  std::function<bool()> may_reply_;
   bool failed_ = false;
   bool initialized_ = false;
   uint32_t proto_minor_ = 0;

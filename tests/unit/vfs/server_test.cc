@@ -385,3 +385,25 @@ TEST_CASE("random and mutated requests never break the server (fuzz smoke)") {
     }
   }
 }
+
+TEST_CASE("credit follows processing: a closed gate holds requests back") {
+  ProviderPtr mem = memory();
+  Harness h({MountPoint{"", "/w", mem.get(), nullptr}});
+  h.init();
+  REQUIRE(h.conn_->takeConsumed() > 0);  // INIT
+  bool open = false;
+  h.conn_->setGate([&] { return open; });
+  fuse_in_header hd{};
+  hd.len = sizeof(hd) + 16;
+  hd.opcode = FUSE_GETATTR;
+  hd.unique = 77;
+  hd.nodeid = FUSE_ROOT_ID;
+  size_t before = h.replies.size();
+  REQUIRE(h.conn_->receive(bytesOf(hd) + std::string(16, '\0')));
+  CHECK(h.replies.size() == before);
+  CHECK(h.conn_->takeConsumed() == 0);  // no credit back for a request not served
+  open = true;
+  REQUIRE(h.conn_->process());
+  CHECK(h.replies.size() == before + 1);
+  CHECK(h.conn_->takeConsumed() == hd.len);
+}
