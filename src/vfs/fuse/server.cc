@@ -153,7 +153,7 @@ Status Connection::process() {
     return makeError(Errc::Protocol, "vfs: the stream already broke its framing");
   }
   size_t pos = 0;
-  const size_t max_len = kInHeader + sizeof(fuse_write_in) + limits_.max_write + 4096;
+  const size_t max_len = maxRequest();
   while (in_.size() - pos >= sizeof(uint32_t)) {
     if (may_reply_ && !may_reply_()) {
       break;  // replies are piling up: the rest waits (and so does the guest's credit)
@@ -173,14 +173,24 @@ Status Connection::process() {
     pos += len;
   }
   in_.erase(0, pos);
-  consumed_ += pos;
+  processed_ += pos;
   return ok();
 }
 
 size_t Connection::takeConsumed() {
-  size_t n = consumed_;
-  consumed_ = 0;
+  // Credit for what was served, plus for what is buffered up to one largest request: a request
+  // larger than the stream window must be able to arrive whole before it can be served.
+  const uint64_t may = processed_ + std::min<uint64_t>(in_.size(), maxRequest());
+  if (may <= granted_) {
+    return 0;
+  }
+  size_t n = static_cast<size_t>(may - granted_);
+  granted_ = may;
   return n;
+}
+
+size_t Connection::maxRequest() const {
+  return kInHeader + sizeof(fuse_write_in) + limits_.max_write + 4096;
 }
 
 void Connection::reply(uint64_t unique, int error, std::string_view payload) {
@@ -502,6 +512,43 @@ void Connection::dispatch(Request& r) {
     return &it->second;
   };
 
+  auto arg = [&](auto* in) -> bool {
+    if (!r.body.get(in)) {
+      err(EINVAL);
+      return false;
+    }
+    return true;
+  };
+  auto allowed = [&](Op op, const std::string& rel) -> bool {
+    if (int e = hook(op, rel, mount); e != 0) {
+      err(e);
+      return false;
+    }
+    return true;
+  };
+  // A new name in this directory: valid, not a mount point or synthetic directory, in a
+  // provider, and allowed by the hooks.
+  auto newChild = [&](std::string_view* name, std::string* rel, Op op) -> bool {
+    if (!nameArg(name)) {
+      return false;
+    }
+    *rel = childRel(*node, *name);
+    if (isFixedRel(*rel)) {
+      err(EEXIST);
+      return false;
+    }
+    return needProvider() && allowed(op, *rel);
+  };
+  auto attrReply = [&](const struct stat& st) {
+    fuse_attr_out out{};
+    out.attr_valid = limits_.attr_timeout_ms / 1000;
+    out.attr_valid_nsec = (limits_.attr_timeout_ms % 1000) * 1000000;
+    std::string bytes(asBytes(out));
+    std::string a = attrOut(st);
+    std::memcpy(bytes.data() + offsetof(fuse_attr_out, attr), a.data(), a.size());
+    reply(u, 0, bytes);
+  };
+
   switch (r.h.opcode) {
     case FUSE_INIT: {
       uint32_t major = 0;
@@ -579,8 +626,7 @@ void Connection::dispatch(Request& r) {
         return;
       }
       std::string rel = childRel(*node, name);
-      if (int e = hook(Op::Stat, rel, mount); e != 0) {
-        err(e);
+      if (!allowed(Op::Stat, rel)) {
         return;
       }
       struct stat attr {};
@@ -601,8 +647,7 @@ void Connection::dispatch(Request& r) {
       return;
     }
     case FUSE_GETATTR: {
-      if (int e = hook(Op::Stat, node->rel, mount); e != 0) {
-        err(e);
+      if (!allowed(Op::Stat, node->rel)) {
         return;
       }
       auto st = attrOf(r.h.nodeid);
@@ -610,19 +655,12 @@ void Connection::dispatch(Request& r) {
         err(st.error());
         return;
       }
-      fuse_attr_out out{};
-      out.attr_valid = limits_.attr_timeout_ms / 1000;
-      out.attr_valid_nsec = (limits_.attr_timeout_ms % 1000) * 1000000;
-      std::string bytes(asBytes(out));
-      std::string a = attrOut(*st);
-      std::memcpy(bytes.data() + offsetof(fuse_attr_out, attr), a.data(), a.size());
-      reply(u, 0, bytes);
+      attrReply(*st);
       return;
     }
     case FUSE_SETATTR: {
       fuse_setattr_in in{};
-      if (!r.body.get(&in)) {
-        err(EINVAL);
+      if (!arg(&in)) {
         return;
       }
       if (!needProvider()) {
@@ -662,13 +700,7 @@ void Connection::dispatch(Request& r) {
         return;
       }
       st->st_ino = inoOf(mount, st->st_ino);
-      fuse_attr_out out{};
-      out.attr_valid = limits_.attr_timeout_ms / 1000;
-      out.attr_valid_nsec = (limits_.attr_timeout_ms % 1000) * 1000000;
-      std::string bytes(asBytes(out));
-      std::string a = attrOut(*st);
-      std::memcpy(bytes.data() + offsetof(fuse_attr_out, attr), a.data(), a.size());
-      reply(u, 0, bytes);
+      attrReply(*st);
       return;
     }
     case FUSE_READLINK: {
@@ -676,8 +708,7 @@ void Connection::dispatch(Request& r) {
         err(EINVAL);
         return;
       }
-      if (int e = hook(Op::Readlink, node->rel, mount); e != 0) {
-        err(e);
+      if (!allowed(Op::Readlink, node->rel)) {
         return;
       }
       auto target = p->readlink(node->local);
@@ -706,8 +737,7 @@ void Connection::dispatch(Request& r) {
       if (!needProvider()) {
         return;
       }
-      if (int e = hook(Op::Symlink, rel, mount); e != 0) {
-        err(e);
+      if (!allowed(Op::Symlink, rel)) {
         return;
       }
       entryReply(p->symlink(node->local, name, target, r.caller()), rel, Op::Symlink);
@@ -716,23 +746,11 @@ void Connection::dispatch(Request& r) {
     case FUSE_MKNOD: {
       fuse_mknod_in in{};
       std::string_view name;
-      if (!r.body.get(&in)) {
-        err(EINVAL);
+      if (!arg(&in)) {
         return;
       }
-      if (!nameArg(&name)) {
-        return;
-      }
-      std::string rel = childRel(*node, name);
-      if (isFixedRel(rel)) {
-        err(EEXIST);
-        return;
-      }
-      if (!needProvider()) {
-        return;
-      }
-      if (int e = hook(Op::Create, rel, mount); e != 0) {
-        err(e);
+      std::string rel;
+      if (!newChild(&name, &rel, Op::Create)) {
         return;
       }
       uint32_t mode = (in.mode & S_IFMT) | (in.mode & ~in.umask & 07777);
@@ -742,23 +760,11 @@ void Connection::dispatch(Request& r) {
     case FUSE_MKDIR: {
       fuse_mkdir_in in{};
       std::string_view name;
-      if (!r.body.get(&in)) {
-        err(EINVAL);
+      if (!arg(&in)) {
         return;
       }
-      if (!nameArg(&name)) {
-        return;
-      }
-      std::string rel = childRel(*node, name);
-      if (isFixedRel(rel)) {
-        err(EEXIST);
-        return;
-      }
-      if (!needProvider()) {
-        return;
-      }
-      if (int e = hook(Op::Mkdir, rel, mount); e != 0) {
-        err(e);
+      std::string rel;
+      if (!newChild(&name, &rel, Op::Mkdir)) {
         return;
       }
       entryReply(p->mkdir(node->local, name, in.mode & ~in.umask & 07777, r.caller()), rel,
@@ -779,8 +785,7 @@ void Connection::dispatch(Request& r) {
       if (!needProvider()) {
         return;
       }
-      if (int e = hook(Op::Remove, rel, mount); e != 0) {
-        err(e);
+      if (!allowed(Op::Remove, rel)) {
         return;
       }
       auto res =
@@ -836,8 +841,7 @@ void Connection::dispatch(Request& r) {
         err(EXDEV);
         return;
       }
-      if (int e = hook(Op::Rename, from_rel, mount); e != 0) {
-        err(e);
+      if (!allowed(Op::Rename, from_rel)) {
         return;
       }
       auto res = p->rename(node->local, name, to->local, new_name, flags);
@@ -859,8 +863,7 @@ void Connection::dispatch(Request& r) {
     case FUSE_LINK: {
       fuse_link_in in{};
       std::string_view name;
-      if (!r.body.get(&in)) {
-        err(EINVAL);
+      if (!arg(&in)) {
         return;
       }
       if (!nameArg(&name)) {
@@ -883,8 +886,7 @@ void Connection::dispatch(Request& r) {
         err(EXDEV);
         return;
       }
-      if (int e = hook(Op::Link, rel, mount); e != 0) {
-        err(e);
+      if (!allowed(Op::Link, rel)) {
         return;
       }
       entryReply(p->link(target->local, node->local, name), rel, Op::Link);
@@ -892,8 +894,7 @@ void Connection::dispatch(Request& r) {
     }
     case FUSE_OPEN: {
       fuse_open_in in{};
-      if (!r.body.get(&in)) {
-        err(EINVAL);
+      if (!arg(&in)) {
         return;
       }
       if (p == nullptr) {
@@ -901,8 +902,7 @@ void Connection::dispatch(Request& r) {
         return;
       }
       int flags = static_cast<int>(in.flags) & ~(O_CREAT | O_EXCL | O_NOCTTY);
-      if (int e = hook(Op::Open, node->rel, mount); e != 0) {
-        err(e);
+      if (!allowed(Op::Open, node->rel)) {
         return;
       }
       auto fh = p->open(node->local, flags);
@@ -921,23 +921,11 @@ void Connection::dispatch(Request& r) {
     case FUSE_CREATE: {
       fuse_create_in in{};
       std::string_view name;
-      if (!r.body.get(&in)) {
-        err(EINVAL);
+      if (!arg(&in)) {
         return;
       }
-      if (!nameArg(&name)) {
-        return;
-      }
-      std::string rel = childRel(*node, name);
-      if (isFixedRel(rel)) {
-        err(EEXIST);
-        return;
-      }
-      if (!needProvider()) {
-        return;
-      }
-      if (int e = hook(Op::Create, rel, mount); e != 0) {
-        err(e);
+      std::string rel;
+      if (!newChild(&name, &rel, Op::Create)) {
         return;
       }
       int flags = static_cast<int>(in.flags) & ~(O_CREAT | O_NOCTTY);
@@ -959,16 +947,14 @@ void Connection::dispatch(Request& r) {
     }
     case FUSE_READ: {
       fuse_read_in in{};
-      if (!r.body.get(&in)) {
-        err(EINVAL);
+      if (!arg(&in)) {
         return;
       }
       Handle* h = findHandle(in.fh, false);
       if (h == nullptr) {
         return;
       }
-      if (int e = hook(Op::Read, node->rel, mount); e != 0) {
-        err(e);
+      if (!allowed(Op::Read, node->rel)) {
         return;
       }
       std::string data;
@@ -992,8 +978,7 @@ void Connection::dispatch(Request& r) {
       if (h == nullptr) {
         return;
       }
-      if (int e = hook(Op::Write, node->rel, mount); e != 0) {
-        err(e);
+      if (!allowed(Op::Write, node->rel)) {
         return;
       }
       auto n = p->write(h->local, in.offset, data);
@@ -1032,8 +1017,7 @@ void Connection::dispatch(Request& r) {
     case FUSE_RELEASE:
     case FUSE_RELEASEDIR: {
       fuse_release_in in{};
-      if (!r.body.get(&in)) {
-        err(EINVAL);
+      if (!arg(&in)) {
         return;
       }
       bool dir = r.h.opcode == FUSE_RELEASEDIR;
@@ -1056,8 +1040,7 @@ void Connection::dispatch(Request& r) {
     }
     case FUSE_FLUSH: {
       fuse_flush_in in{};
-      if (!r.body.get(&in)) {
-        err(EINVAL);
+      if (!arg(&in)) {
         return;
       }
       Handle* h = findHandle(in.fh, false);
@@ -1075,8 +1058,7 @@ void Connection::dispatch(Request& r) {
     case FUSE_FSYNC:
     case FUSE_FSYNCDIR: {
       fuse_fsync_in in{};
-      if (!r.body.get(&in)) {
-        err(EINVAL);
+      if (!arg(&in)) {
         return;
       }
       if (r.h.opcode == FUSE_FSYNCDIR) {
@@ -1087,8 +1069,7 @@ void Connection::dispatch(Request& r) {
       if (h == nullptr) {
         return;
       }
-      if (int e = hook(Op::Sync, node->rel, mount); e != 0) {
-        err(e);
+      if (!allowed(Op::Sync, node->rel)) {
         return;
       }
       auto res = p->fsync(h->local, (in.fsync_flags & 1) != 0);
@@ -1102,12 +1083,10 @@ void Connection::dispatch(Request& r) {
     }
     case FUSE_OPENDIR: {
       fuse_open_in in{};
-      if (!r.body.get(&in)) {
-        err(EINVAL);
+      if (!arg(&in)) {
         return;
       }
-      if (int e = hook(Op::Readdir, node->rel, mount); e != 0) {
-        err(e);
+      if (!allowed(Op::Readdir, node->rel)) {
         return;
       }
       uint64_t local = 0;
@@ -1129,8 +1108,7 @@ void Connection::dispatch(Request& r) {
     case FUSE_READDIR:
     case FUSE_READDIRPLUS: {
       fuse_read_in in{};
-      if (!r.body.get(&in)) {
-        err(EINVAL);
+      if (!arg(&in)) {
         return;
       }
       Handle* h = findHandle(in.fh, true);
@@ -1214,16 +1192,14 @@ void Connection::dispatch(Request& r) {
     }
     case FUSE_FALLOCATE: {
       fuse_fallocate_in in{};
-      if (!r.body.get(&in)) {
-        err(EINVAL);
+      if (!arg(&in)) {
         return;
       }
       Handle* h = findHandle(in.fh, false);
       if (h == nullptr) {
         return;
       }
-      if (int e = hook(Op::Write, node->rel, mount); e != 0) {
-        err(e);
+      if (!allowed(Op::Write, node->rel)) {
         return;
       }
       auto res = p->fallocate(h->local, static_cast<int>(in.mode), in.offset, in.length);
@@ -1236,8 +1212,7 @@ void Connection::dispatch(Request& r) {
     }
     case FUSE_LSEEK: {
       fuse_lseek_in in{};
-      if (!r.body.get(&in)) {
-        err(EINVAL);
+      if (!arg(&in)) {
         return;
       }
       Handle* h = findHandle(in.fh, false);

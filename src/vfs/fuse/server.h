@@ -61,9 +61,10 @@ class Connection {
   Status receive(std::string_view bytes);
   /// Processes requests that were held back (see setGate()).
   Status process();
-  /// Bytes of requests processed since the last call: what the stream may grant back to the
-  /// guest. Credit follows processing, so a guest that does not read its replies stops being
-  /// served instead of making the host buffer them.
+  /// Bytes the stream may grant back to the guest since the last call: those of requests served,
+  /// plus those buffered up to one largest request (so that a request larger than the window
+  /// can arrive). Credit follows processing, so a guest that does not read its replies stops
+  /// being served instead of making the host buffer them.
   size_t takeConsumed();
   /// Requests are processed only while `may_reply` says so (e.g. while the stream's queued
   /// output is below a bound); the rest stays buffered until process().
@@ -124,7 +125,9 @@ class Connection {
   EventFn events_;
   Limits limits_;
   std::string in_;
-  size_t consumed_ = 0;
+  uint64_t processed_ = 0;  ///< request bytes served
+  uint64_t granted_ = 0;    ///< request bytes credited back
+  size_t maxRequest() const;
   std::function<bool()> may_reply_;
   bool failed_ = false;
   bool initialized_ = false;

@@ -396,14 +396,48 @@ TEST_CASE("credit follows processing: a closed gate holds requests back") {
   fuse_in_header hd{};
   hd.len = sizeof(hd) + 16;
   hd.opcode = FUSE_GETATTR;
-  hd.unique = 77;
   hd.nodeid = FUSE_ROOT_ID;
+  std::string many;
+  const int n = 60000;  // 3.4 MiB of requests, more than one largest request
+  for (int i = 0; i < n; ++i) {
+    hd.unique = 1000 + static_cast<uint64_t>(i);
+    many += bytesOf(hd) + std::string(16, '\0');
+  }
   size_t before = h.replies.size();
-  REQUIRE(h.conn_->receive(bytesOf(hd) + std::string(16, '\0')));
+  REQUIRE(h.conn_->receive(many));
   CHECK(h.replies.size() == before);
-  CHECK(h.conn_->takeConsumed() == 0);  // no credit back for a request not served
+  // Credit for one largest request at most while nothing is served.
+  size_t credit = h.conn_->takeConsumed();
+  CHECK(credit > 0);
+  CHECK(credit <= (1U << 20) + 8192);
+  CHECK(h.conn_->takeConsumed() == 0);
   open = true;
   REQUIRE(h.conn_->process());
+  CHECK(h.replies.size() == before + n);
+  CHECK(credit + h.conn_->takeConsumed() == many.size());
+}
+
+TEST_CASE("a request larger than the stream window gets credit to arrive whole") {
+  ProviderPtr mem = memory();
+  Harness h({MountPoint{"", "/w", mem.get(), nullptr}});
+  h.init();
+  (void)h.conn_->takeConsumed();
+  auto [node, fh] = h.create(FUSE_ROOT_ID, "big", "");
+  (void)h.conn_->takeConsumed();
+  fuse_in_header hd{};
+  fuse_write_in w{};
+  w.fh = fh;
+  w.size = 1U << 20;
+  hd.len = static_cast<uint32_t>(sizeof(hd) + sizeof(w) + w.size);
+  hd.opcode = FUSE_WRITE;
+  hd.unique = 5;
+  hd.nodeid = node;
+  std::string msg = bytesOf(hd) + bytesOf(w) + std::string(w.size, 'x');
+  // The first 256 KiB (a window) arrive: all of it is credited although nothing was served.
+  REQUIRE(h.conn_->receive(msg.substr(0, 256 * 1024)));
+  CHECK(h.conn_->takeConsumed() == 256 * 1024);
+  size_t before = h.replies.size();
+  REQUIRE(h.conn_->receive(msg.substr(256 * 1024)));
   CHECK(h.replies.size() == before + 1);
-  CHECK(h.conn_->takeConsumed() == hd.len);
+  CHECK(h.replies.back().h.error == 0);
 }
