@@ -9,6 +9,8 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <cstring>
+#include <ctime>
 
 #include <nlohmann/json.hpp>
 
@@ -174,6 +176,20 @@ VfsRelay* Agent::relayFor(uint32_t stream) {
 void Agent::onControl(uint32_t stream, std::string_view data) {
   std::string& buf = control_[stream];
   buf.append(data);
+  if (buf.find("\"clock\"") != std::string::npos) {
+    // The host's wall clock once the channel is up: the boot parameter carried whole seconds
+    // and went stale while the guest booted; host and guest file times must agree.
+    auto j = nlohmann::json::parse(buf, nullptr, false);
+    if (j.is_object() && j.value("op", "") == "clock") {
+      int64_t ns = j.value("unix_ns", int64_t{0});
+      timespec ts{static_cast<time_t>(ns / 1000000000), static_cast<long>(ns % 1000000000)};
+      if (ns > 0 && ::clock_settime(CLOCK_REALTIME, &ts) != 0) {
+        logLine("clock: {}", std::strerror(errno));
+      }
+      buf.clear();
+    }
+    return;
+  }
   if (buf.find("\"shutdown\"") != std::string::npos) {
     logLine("shutdown requested by the host");
     shutdown_ = true;

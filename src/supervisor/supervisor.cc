@@ -622,6 +622,17 @@ void Supervisor::tryConnectChannel() {
       closeClient(c, fmt::format("guest reset the exec stream: {}", message));
     }
   };
+  cb.on_ready = [this] {
+    // The guest's clock came from a boot parameter in whole seconds and is stale by its boot
+    // time: hand it ours now, so that host and guest file times agree.
+    if (auto s = mux_->open(guestproto::kPortReady); s) {
+      auto ns = std::chrono::duration_cast<std::chrono::nanoseconds>(
+                    std::chrono::system_clock::now().time_since_epoch())
+                    .count();
+      (void)mux_->send(*s, fmt::format(R"({{"op": "clock", "unix_ns": {}}})", ns));
+      (void)mux_->closeWrite(*s);
+    }
+  };
   cb.on_goaway = [](uint32_t, std::string_view message) {
     ML_LOG(supervisor, warn, "guest closing the channel: {}", message);
   };
