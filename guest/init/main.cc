@@ -12,7 +12,9 @@
 // is), matchlock.probe=1 (power off right after init starts: boot benchmark),
 // matchlock.ip=ADDR/PREFIX matchlock.gw=ADDR matchlock.mtu=N (the NIC; absent = no network),
 // matchlock.config=serial:NAME (the boot config disk: one JSON document with the environment
-// of every process, the sandbox CA and /etc/hosts additions; see docs/egress.md).
+// of every process, the sandbox CA and /etc/hosts additions; see docs/egress.md),
+// matchlock.disk.<serial>=<mount>[,ro] (a named volume or raw ext4 disk, mounted before the agent
+// starts; see docs/vm-runtime.md).
 #include <dirent.h>
 #include <fcntl.h>
 #include <fmt/format.h>
@@ -120,8 +122,21 @@ int serve(Fd channel, bool reconnectable, const std::string& cgroup_procs = "",
   return 0;
 }
 
+/// Mount points of the named volumes and raw disks, unmounted at power-off so that their ext4
+/// is clean (no journal to replay) for the next sandbox, which may mount it read-only.
+std::vector<std::string>& extraDiskMounts() {
+  static std::vector<std::string> mounts;
+  return mounts;
+}
+
 [[noreturn]] void powerOff() {
   ::sync();
+  for (auto it = extraDiskMounts().rbegin(); it != extraDiskMounts().rend(); ++it) {
+    if (::umount2(it->c_str(), 0) != 0 &&
+        ::mount(nullptr, it->c_str(), nullptr, MS_REMOUNT | MS_RDONLY, nullptr) != 0) {
+      logLine("disk {}: unmount at power-off: {}", *it, std::strerror(errno));
+    }
+  }
   // Best effort: a read-only root flushes the overlay before the VM ends. Processes that still
   // hold files open for writing make this fail with EBUSY; sync() above already persisted data.
   (void)::mount(nullptr, "/", nullptr, MS_REMOUNT | MS_RDONLY, nullptr);
@@ -196,6 +211,68 @@ bool assembleRoot(const std::string& image_spec, const std::string& fstype,
       ::chroot(".") != 0 || ::chdir("/") != 0) {
     logLine("root: switching root: {}", std::strerror(errno));
     return false;
+  }
+  return true;
+}
+
+/// Named volumes and raw disks: every `matchlock.disk.<serial>=<mount>[,ro]` parameter is a
+/// virtio disk holding ext4, mounted at <mount> (created if missing). Returns false, with a
+/// console message, when one cannot be mounted: the sandbox would write into its root instead.
+bool mountExtraDisks() {
+  std::ifstream in("/proc/cmdline");
+  std::string word;
+  constexpr std::string_view kPrefix = "matchlock.disk.";
+  while (in >> word) {
+    if (!word.starts_with(kPrefix)) {
+      continue;
+    }
+    size_t eq = word.find('=');
+    if (eq == std::string::npos || eq == kPrefix.size()) {
+      logLine("disk: malformed parameter {}", word);
+      return false;
+    }
+    std::string serial = word.substr(kPrefix.size(), eq - kPrefix.size());
+    std::vector<std::string> opts = split(word.substr(eq + 1), ',');
+    std::string target = opts.empty() ? "" : opts[0];
+    bool read_only = false;
+    for (size_t i = 1; i < opts.size(); ++i) {
+      if (opts[i] == "ro" || opts[i] == "readonly") {
+        read_only = true;
+      } else if (opts[i] != "rw") {
+        logLine("disk {}: unknown option {}", serial, opts[i]);
+        return false;
+      }
+    }
+    if (!target.starts_with("/")) {
+      logLine("disk {}: mount point {} is not absolute", serial, target);
+      return false;
+    }
+    std::string dev = waitForDisk("serial:" + serial);
+    if (dev.empty()) {
+      logLine("disk {}: the device did not appear", serial);
+      return false;
+    }
+    std::error_code ec;
+    std::filesystem::create_directories(target, ec);
+    if (ec) {
+      logLine("disk {}: creating {}: {}", serial, target, ec.message());
+      return false;
+    }
+    unsigned long flags = MS_NOATIME;  // NOLINT(google-runtime-int)
+    if (read_only) {
+      flags |= MS_RDONLY;
+    }
+    int rc = ::mount(dev.c_str(), target.c_str(), "ext4", flags, nullptr);
+    if (rc != 0 && read_only && (errno == EROFS || errno == EINVAL)) {
+      // A read-only device cannot replay the journal a killed sandbox left: mount without it.
+      rc = ::mount(dev.c_str(), target.c_str(), "ext4", flags, "noload");
+    }
+    if (rc != 0) {
+      logLine("disk {}: mount {} (ext4{}) on {}: {}", serial, dev, read_only ? ", read-only" : "",
+              target, std::strerror(errno));
+      return false;
+    }
+    extraDiskMounts().push_back(target);
   }
   return true;
 }
@@ -337,6 +414,10 @@ std::string setupCgroup(const std::string& cpus) {
     if (ts.tv_sec > 0 && ::clock_settime(CLOCK_REALTIME, &ts) != 0) {
       logLine("clock: {}", std::strerror(errno));
     }
+  }
+  if (!mountExtraDisks()) {
+    logLine("cannot mount the sandbox's disks; powering off");
+    powerOff();
   }
   std::string hostname = kernelParam("matchlock.hostname");
   if (!hostname.empty()) {

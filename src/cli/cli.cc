@@ -50,6 +50,7 @@ int run(int argc, char** argv) {
   addVmCommands(app, ctx);
   addUpCommands(app, ctx);
   addImageCommands(app, ctx);
+  addVolumeCommands(app, ctx);
 
   try {
     app.parse(argc, argv);

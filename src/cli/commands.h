@@ -26,6 +26,7 @@ void addMiscCommands(CLI::App& app, CommandContext& ctx);   // version, completi
 void addImageCommands(CLI::App& app, CommandContext& ctx);  // pull, image ...
 void addVmCommands(CLI::App& app, CommandContext& ctx);  // run, exec, list, inspect, log, kill, rm
 void addUpCommands(CLI::App& app, CommandContext& ctx);  // up, plan, reconcile, down, ps
+void addVolumeCommands(CLI::App& app, CommandContext& ctx);  // volume create|ls|rm|cp
 
 /// `matchlock <version> (commit: <sha>, built: <date>)`, as upstream prints it.
 std::string versionLine();

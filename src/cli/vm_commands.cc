@@ -299,6 +299,24 @@ state::SandboxStatus observedStatus(state::Store& store, const state::SandboxRec
   return r.status;
 }
 
+/// The guest init's own console lines after "init reached" (why a boot was given up, e.g. a
+/// disk that would not mount), as "; guest: ..." for an error message; "" when there are none.
+std::string guestBootMessages(const std::string& run_dir) {
+  std::string console = readFile(supervisor::consoleLogPath(run_dir)).value_or("");
+  std::vector<std::string> lines;
+  for (const std::string& line : split(console, '\n')) {
+    constexpr std::string_view kPrefix = "matchlock-guest: ";
+    size_t at = line.find(kPrefix);
+    if (at != std::string::npos && line.find("init reached") == std::string::npos) {
+      lines.emplace_back(trim(line.substr(at + kPrefix.size())));
+    }
+  }
+  if (lines.size() > 5) {
+    lines.erase(lines.begin(), lines.end() - 5);
+  }
+  return lines.empty() ? "" : "; guest: " + join(lines, "; ");
+}
+
 std::vector<std::string> composeCommand(const image::ImageConfig& config,
                                         const std::vector<std::string>& args) {
   // Docker's rule: ENTRYPOINT + (arguments if given, else CMD).
@@ -416,7 +434,7 @@ Result<int> runCommand(const RunOptions& o) {
       Error err = std::move(r).error();
       auto current = store.getSandbox(id);
       if (current && current->last_error && !current->last_error->empty()) {
-        err = Error(Errc::Unavailable, *current->last_error);
+        err = Error(Errc::Unavailable, *current->last_error + guestBootMessages(run_dir));
       }
       if (!keep) {
         if (current) {

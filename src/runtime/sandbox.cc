@@ -24,6 +24,7 @@
 #include "net/sandbox_network.h"
 #include "runtime/exec_client.h"
 #include "runtime/secrets.h"
+#include "runtime/volumes.h"
 #include "spec/normalize.h"
 #include "supervisor/supervisor.h"
 #include "sys/netns.h"
@@ -286,7 +287,9 @@ Result<std::string> launch(state::Store& store, const spec::SandboxSpec& spec,
     return fail(std::move(st).error());
   }
   std::string events_path;
-  if (subnet || !spec.mounts.empty()) {
+  const bool vfs_mounts = std::ranges::any_of(
+      spec.mounts, [](const spec::Mount& m) { return !spec::isBlockMount(m.mode); });
+  if (subnet || vfs_mounts) {
     auto home = matchlockHome();
     if (!home) {
       return fail(std::move(home).error());
@@ -350,7 +353,40 @@ Result<std::string> launch(state::Store& store, const spec::SandboxSpec& spec,
   const fs::path overlay_root =
       (options.data_disk.empty() ? fs::path(run_dir) : fs::path(options.data_disk).parent_path()) /
       "overlays";
+  // Named volumes and raw disks: virtio-blk disks the guest init mounts by serial before the
+  // agent starts (matchlock.disk.<serial>=<target>[,ro]).
+  size_t disk_index = 0;
   for (const spec::Mount& m : spec.mounts) {
+    if (!spec::isBlockMount(m.mode)) {
+      continue;
+    }
+    auto image_path = diskImageOf(m);
+    if (!image_path) {
+      return fail(Error(Errc::NotFound,
+                        fmt::format("sandbox {}: mount {}: {}", spec.name.empty() ? id : spec.name,
+                                    m.target, image_path.error().message())));
+    }
+    if (disk_index == kMaxExtraDisks) {
+      return fail(Error(Errc::InvalidSpec,
+                        fmt::format("sandbox {}: at most {} volume and disk mounts",
+                                    spec.name.empty() ? id : spec.name, kMaxExtraDisks)));
+    }
+    for (const auto& d : cfg.vm.disks) {
+      if (d.path == *image_path) {
+        return fail(
+            Error(Errc::InvalidSpec, fmt::format("sandbox {}: {} is attached twice",
+                                                 spec.name.empty() ? id : spec.name, *image_path)));
+      }
+    }
+    const std::string serial = fmt::format("disk{}", disk_index++);
+    cfg.vm.disks.push_back({*image_path, serial, m.readonly});
+    cfg.vm.kernel_params.push_back(
+        fmt::format("matchlock.disk.{}={}{}", serial, m.target, m.readonly ? ",ro" : ""));
+  }
+  for (const spec::Mount& m : spec.mounts) {
+    if (spec::isBlockMount(m.mode)) {
+      continue;
+    }
     vfs::MountConfig mc;
     mc.target = m.target;
     mc.source = m.source;
@@ -367,6 +403,9 @@ Result<std::string> launch(state::Store& store, const spec::SandboxSpec& spec,
       case spec::MountMode::Memory:
         mc.kind = vfs::MountKind::Memory;
         break;
+      case spec::MountMode::Volume:
+      case spec::MountMode::Disk:
+        continue;  // attached as disks above
     }
     if (mc.kind != vfs::MountKind::Memory) {
       std::error_code exists_ec;

@@ -36,6 +36,12 @@ const std::regex& guestPathRe() {
   static const std::regex re("^/[a-zA-Z0-9/_.-]+$");
   return re;
 }
+bool volumeNameOk(const std::string& name) {
+  static const std::regex re("^[a-zA-Z0-9][a-zA-Z0-9_.-]*$");
+  return name.size() <= 128 && std::regex_match(name, re);
+}
+/// The guest has 16 free virtio-mmio slots for extra disks (runtime::kMaxExtraDisks).
+constexpr size_t kMaxBlockMounts = 16;
 const std::regex& userRe() {
   static const std::regex re("^[A-Za-z0-9_.][A-Za-z0-9_.-]*(:[A-Za-z0-9_.][A-Za-z0-9_.-]*)?$");
   return re;
@@ -875,21 +881,20 @@ class Decoder {
         typeError(item, mp, "a table/mapping");
         continue;
       }
-      checkKeys(item, mp, {"source", "target", "mode"});
+      checkKeys(item, mp, {"source", "target", "mode", "readonly"});
       auto at = [&](std::string_view key) { return pointerAppend(mp, key); };
       Mount m;
       bool good = true;
       if (Json* f = field(item, mp, "mode")) {
         if (auto mode = getString(*f, at("mode"))) {
           static const std::map<std::string, MountMode, std::less<>> kModes = {
-              {"overlay", MountMode::Overlay},
-              {"rw", MountMode::ReadWrite},
-              {"ro", MountMode::ReadOnly},
-              {"memory", MountMode::Memory}};
+              {"overlay", MountMode::Overlay}, {"rw", MountMode::ReadWrite},
+              {"ro", MountMode::ReadOnly},     {"memory", MountMode::Memory},
+              {"volume", MountMode::Volume},   {"disk", MountMode::Disk}};
           if (auto it = kModes.find(*mode); it != kModes.end()) {
             m.mode = it->second;
           } else {
-            enumError(at("mode"), *mode, {"overlay", "rw", "ro", "memory"});
+            enumError(at("mode"), *mode, {"overlay", "rw", "ro", "memory", "volume", "disk"});
             good = false;
           }
         }
@@ -900,6 +905,14 @@ class Decoder {
             error(at("source"), "must not be empty");
           } else if (m.mode == MountMode::Memory) {
             error(at("source"), "a memory mount has no source");
+          } else if (m.mode == MountMode::Volume) {
+            if (!volumeNameOk(*src)) {
+              error(at("source"),
+                    "must be a volume name matching ^[a-zA-Z0-9][a-zA-Z0-9_.-]*$ (see matchlock "
+                    "volume ls)");
+            } else {
+              m.source = *src;
+            }
           } else {
             m.source = resolvePath(*src);
           }
@@ -930,7 +943,29 @@ class Decoder {
       } else {
         error(mp, "missing required key 'target'");
       }
+      if (Json* f = field(item, mp, "readonly")) {
+        m.readonly = getBool(*f, at("readonly")).value_or(false);
+        if (!isBlockMount(m.mode) && good) {
+          errorAtKey(at("readonly"),
+                     "only a volume or disk mount takes readonly (use mode = \"ro\")");
+        }
+      }
       out.push_back(std::move(m));
+    }
+    // A disk mounted inside a VFS mount would be hidden by it (the VFS mounts go on last).
+    size_t disks = 0;
+    for (size_t i = 0; i < out.size(); ++i) {
+      if (!isBlockMount(out[i].mode) || out[i].target.empty()) {
+        continue;
+      }
+      if (++disks == kMaxBlockMounts + 1) {
+        error(pointerAppend(pointerAppend(ptr, i), "mode"),
+              fmt::format("at most {} volume and disk mounts per sandbox", kMaxBlockMounts));
+      }
+      if (std::string parent = shadowingVfsMount(out, out[i].target); !parent.empty()) {
+        error(pointerAppend(pointerAppend(ptr, i), "target"),
+              fmt::format("'{}' would be shadowed by the mount at '{}'", out[i].target, parent));
+      }
     }
     return out;
   }
@@ -1212,6 +1247,31 @@ std::string formatDurationMs(int64_t ms) {
   return out;
 }
 
+bool isValidGuestMountPath(const std::string& path) {
+  if (!std::regex_match(path, guestPathRe())) {
+    return false;
+  }
+  for (const auto& part : std::filesystem::path(path)) {
+    if (part == "..") {
+      return false;
+    }
+  }
+  return std::filesystem::path(path).lexically_normal() != "/" &&
+         path.find_first_not_of('/') != std::string::npos;
+}
+
+std::string shadowingVfsMount(const std::vector<Mount>& mounts, const std::string& target) {
+  for (const Mount& m : mounts) {
+    if (isBlockMount(m.mode) || m.target.empty()) {
+      continue;
+    }
+    if (target == m.target || target.starts_with(m.target + "/")) {
+      return m.target;
+    }
+  }
+  return {};
+}
+
 std::string_view toString(MountMode m) {
   switch (m) {
     case MountMode::Overlay:
@@ -1222,6 +1282,10 @@ std::string_view toString(MountMode m) {
       return "ro";
     case MountMode::Memory:
       return "memory";
+    case MountMode::Volume:
+      return "volume";
+    case MountMode::Disk:
+      return "disk";
   }
   return "overlay";
 }

@@ -49,6 +49,12 @@ Result<SandboxSpec> decodeUpstreamConfig(const nlohmann::json& config, const std
 /// source_file); anything else is InvalidSpec.
 Result<SandboxSpec> decodeNormalized(const nlohmann::json& spec_json, const std::string& name);
 
+/// An absolute guest mount path: `^/[a-zA-Z0-9/_.-]+$`, no `..` component, not `/`.
+bool isValidGuestMountPath(const std::string& path);
+/// The target of the VFS mount in `mounts` that would shadow a block mount at `target` (one that
+/// is a parent of it: the VFS mounts go on after the guest init mounted the disks), or "".
+std::string shadowingVfsMount(const std::vector<Mount>& mounts, const std::string& target);
+
 /// Parses sizes: an integer (MiB) or a string with a binary unit. Returns MiB.
 Result<int64_t> parseSizeMib(const nlohmann::json& value);
 /// Parses durations: an integer (seconds) or a Go-style string ("1m30s", "500ms"). Returns ms.

@@ -15,13 +15,16 @@ inline constexpr int64_t kDefaultDiskMib = 5120;
 inline constexpr int kDefaultMtu = 1500;
 inline constexpr const char* kDefaultPortAddress = "127.0.0.1";
 
-enum class MountMode { Overlay, ReadWrite, ReadOnly, Memory };
+/// Overlay, ReadWrite, ReadOnly and Memory are served by the host VFS (docs/vfs.md); Volume (a
+/// named volume) and Disk (a raw ext4 image) are block devices the guest init mounts.
+enum class MountMode { Overlay, ReadWrite, ReadOnly, Memory, Volume, Disk };
 enum class RestartPolicy { No, OnFailure, Always, UnlessStopped };
 
 struct Mount {
-  std::string source;  ///< absolute host path; empty for Memory
+  std::string source;  ///< absolute host path; empty for Memory; the volume name for Volume
   std::string target;  ///< absolute guest path
   MountMode mode = MountMode::Overlay;
+  bool readonly = false;  ///< Volume and Disk only
   bool operator==(const Mount&) const = default;
 };
 
@@ -106,6 +109,10 @@ struct Project {
 };
 
 std::string_view toString(MountMode m);
+/// Volume and Disk: attached as block devices, not served by the VFS.
+inline bool isBlockMount(MountMode m) {
+  return m == MountMode::Volume || m == MountMode::Disk;
+}
 std::string_view toString(RestartPolicy r);
 std::string_view toString(SecretRef::Kind k);
 

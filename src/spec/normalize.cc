@@ -100,6 +100,9 @@ OJson mountJson(const Mount& m) {
   }
   out["target"] = m.target;
   out["mode"] = toString(m.mode);
+  if (isBlockMount(m.mode)) {
+    out["readonly"] = m.readonly;
+  }
   return out;
 }
 

@@ -29,9 +29,6 @@ Result<Json> toSpecTree(const Json& c) {
   if (c.contains("id")) {
     return makeError(Errc::InvalidSpec, "create: id is assigned by matchlock and cannot be set");
   }
-  if (c.contains("extra_disks") && !c["extra_disks"].is_null() && !c["extra_disks"].empty()) {
-    return makeError(unsupported("extra_disks"));
-  }
   Json s = Json::object();
   copyIf(c, "image", s, "image");
   copyIf(c, "privileged", s, "privileged");
@@ -131,6 +128,23 @@ Result<Json> toSpecTree(const Json& c) {
     }
     if (!mounts.empty()) {
       s["mounts"] = mounts;
+    }
+  }
+  // Raw ext4 disks: `[{"host_path", "guest_mount", "readonly"?}]` become `mode = "disk"` mounts.
+  if (auto d = c.find("extra_disks"); d != c.end() && !d->is_null()) {
+    if (!d->is_array()) {
+      return makeError(Errc::InvalidSpec, "create: extra_disks must be an array");
+    }
+    for (const Json& disk : *d) {
+      if (!disk.is_object()) {
+        return makeError(Errc::InvalidSpec, "create: extra_disks entries must be objects");
+      }
+      Json item = Json::object();
+      copyIf(disk, "host_path", item, "source");
+      copyIf(disk, "guest_mount", item, "target");
+      copyIf(disk, "readonly", item, "readonly");
+      item["mode"] = "disk";
+      s["mounts"].push_back(item);
     }
   }
   return s;

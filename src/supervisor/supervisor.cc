@@ -25,6 +25,7 @@
 #include "guestproto/frame.h"
 #include "guestproto/mux.h"
 #include "state/store.h"
+#include "sys/ext4.h"
 #include "sys/process.h"
 #include "sys/process_ref.h"
 #include "vm/qemu/qemu.h"
@@ -136,38 +137,11 @@ constexpr size_t kReadChunk = 64 * 1024;
 constexpr size_t kClientHighWater = 1024 * 1024;
 constexpr std::chrono::milliseconds kStopGrace{5000};
 
-/// Runs a tool to completion (bounded); exit codes up to `max_ok` count as success.
-Status runTool(const std::vector<std::string>& argv, const std::string& log_path, int max_ok = 0) {
-  sys::SpawnOptions opts;
-  opts.stdout_path = log_path;
-  opts.stderr_path = log_path;
-  ML_ASSIGN_OR_RETURN(auto child, sys::ChildProcess::spawn(argv, opts));
-  ML_ASSIGN_OR_RETURN(auto exit, child.waitFor(std::chrono::seconds(60)));
-  if (!exit || exit->code < 0 || exit->code > max_ok) {
-    return makeError(Errc::System, fmt::format("{} failed: {}", join(argv, " "),
-                                               readFile(log_path).value_or("(no output)")));
-  }
-  (void)::unlink(log_path.c_str());
-  return ok();
-}
+using sys::runTool;
 
 Status makeUpperDisk(const std::string& path, int64_t mib) {
-  // Sparse file, then ext4 without a journal on it: the guest's overlay upper layer lives here.
-  // Built under a temporary name so that a crash mid-mkfs never leaves a disk that looks usable.
-  const std::string tmp = path + ".new";
-  {
-    ML_ASSIGN_OR_RETURN(Fd fd, openFile(tmp, O_WRONLY | O_CREAT | O_TRUNC, 0600));
-    if (::ftruncate(fd.get(), mib * 1024 * 1024) != 0) {
-      return makeError(Errc::System, fmt::format("ftruncate {}", tmp), errno);
-    }
-  }
-  ML_RETURN_IF_ERROR(
-      runTool({"mkfs.ext4", "-q", "-F", "-O", "^has_journal", "-E", "lazy_itable_init=1", tmp},
-              path + ".mkfs.log"));
-  if (::rename(tmp.c_str(), path.c_str()) != 0) {
-    return makeError(Errc::System, fmt::format("rename {}", tmp), errno);
-  }
-  return ok();
+  // The guest's overlay upper layer: thrown away with the sandbox, so no journal.
+  return sys::makeExt4Image(path, mib, sys::Ext4Options{.journal = false});
 }
 
 /// Reuses a sandbox's existing upper disk, growing it (offline, before boot) when the spec asks

@@ -337,6 +337,83 @@ sandboxes:
   CHECK(mem.diags[0].message.find("source") != std::string::npos);
 }
 
+TEST_CASE("volume and disk mounts") {
+  Decoded ok = decodeText(R"(
+sandboxes:
+  a:
+    image: b
+    mounts:
+      - {source: data, target: /data, mode: volume}
+      - {source: img/raw.ext4, target: /raw/, mode: disk, readonly: true}
+      - {source: ., target: /w}
+)",
+                          "yaml");
+  INFO(ok.firstError());
+  REQUIRE(ok.diags.empty());
+  const auto& mounts = ok.file.sandboxes.at("a").mounts;
+  CHECK(mounts[0].mode == MountMode::Volume);
+  CHECK(mounts[0].source == "data");  // a name, never resolved as a path
+  CHECK_FALSE(mounts[0].readonly);
+  CHECK(mounts[1].mode == MountMode::Disk);
+  CHECK(mounts[1].source == "/specs/img/raw.ext4");
+  CHECK(mounts[1].target == "/raw");
+  CHECK(mounts[1].readonly);
+  auto json = toJson(ok.file.sandboxes.at("a"));
+  CHECK(json["mounts"][0]["readonly"] == false);
+  CHECK(json["mounts"][2].find("readonly") == json["mounts"][2].end());
+
+  Decoded bad = decodeText(R"(
+sandboxes:
+  a:
+    image: b
+    mounts:
+      - {source: ., target: /w}
+      - {source: a/b, target: /x, mode: volume}
+      - {source: ., target: /y, readonly: true}
+      - {source: data, target: /w/db, mode: volume}
+)",
+                           "yaml");
+  REQUIRE(bad.diags.size() == 3);
+  CHECK(bad.diags[0].path == "sandboxes.a.mounts[1].source");
+  CHECK(bad.diags[1].path == "sandboxes.a.mounts[2].readonly");
+  CHECK(bad.diags[2].toString().starts_with("spec.yaml:9:"));
+  CHECK(bad.diags[2].toString().ends_with(
+      "sandboxes.a.mounts[3].target: '/w/db' would be shadowed by the mount at '/w'"));
+}
+
+TEST_CASE("guest mount paths and shadowing") {
+  CHECK(isValidGuestMountPath("/data"));
+  CHECK(isValidGuestMountPath("/a/b.c_d-e"));
+  CHECK_FALSE(isValidGuestMountPath("/"));
+  CHECK_FALSE(isValidGuestMountPath("//"));
+  CHECK_FALSE(isValidGuestMountPath("data"));
+  CHECK_FALSE(isValidGuestMountPath("/a/../b"));
+  CHECK_FALSE(isValidGuestMountPath("/a b"));
+  std::vector<Mount> mounts = {{"/h", "/workspace", MountMode::Overlay, false},
+                               {"v", "/data", MountMode::Volume, false}};
+  CHECK(shadowingVfsMount(mounts, "/workspace/db") == "/workspace");
+  CHECK(shadowingVfsMount(mounts, "/workspace") == "/workspace");
+  CHECK(shadowingVfsMount(mounts, "/workspaces") == "");
+  CHECK(shadowingVfsMount(mounts, "/data/x") == "");  // a disk inside a disk is fine
+}
+
+TEST_CASE("upstream extra_disks become disk mounts") {
+  auto spec =
+      decodeUpstreamConfig(nlohmann::json::parse(R"({"image": "busybox:latest", "extra_disks": [
+        {"host_path": "/var/lib/d.ext4", "guest_mount": "/data", "readonly": true},
+        {"host_path": "/var/lib/e.ext4", "guest_mount": "/e"}]})"),
+                           "vm-1");
+  INFO((spec ? "" : spec.error().toString()));
+  REQUIRE(spec);
+  REQUIRE(spec->mounts.size() == 2);
+  CHECK(spec->mounts[0] == Mount{"/var/lib/d.ext4", "/data", MountMode::Disk, true});
+  CHECK(spec->mounts[1] == Mount{"/var/lib/e.ext4", "/e", MountMode::Disk, false});
+  CHECK_FALSE(decodeUpstreamConfig(
+      nlohmann::json::parse(
+          R"({"image": "b", "extra_disks": [{"host_path": "/d", "guest_mount": "rel"}]})"),
+      "vm-1"));
+}
+
 TEST_CASE("sizes and durations") {
   using nlohmann::json;
   CHECK(parseSizeMib(json(2048)).value() == 2048);
