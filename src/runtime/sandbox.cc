@@ -407,6 +407,24 @@ Result<std::string> launch(state::Store& store, const spec::SandboxSpec& spec,
       case spec::MountMode::Disk:
         continue;  // attached as disks above
     }
+    static const std::map<std::string, int, std::less<>> kErrnos = {
+        {"EPERM", EPERM}, {"EACCES", EACCES}, {"EROFS", EROFS},  {"ENOENT", ENOENT},
+        {"EIO", EIO},     {"ENOSPC", ENOSPC}, {"EEXIST", EEXIST}};
+    mc.hooks.emit_events = m.emit_events;
+    for (const spec::MountRule& r : m.rules) {
+      vfs::HookRule rule;
+      rule.name = r.name;
+      rule.path = r.path;
+      rule.block = r.block;
+      auto e = kErrnos.find(r.error);
+      rule.error = e != kErrnos.end() ? e->second : EPERM;
+      for (const std::string& op : r.ops) {
+        if (auto o = vfs::opFromName(op)) {
+          rule.ops.push_back(*o);
+        }
+      }
+      mc.hooks.rules.push_back(std::move(rule));
+    }
     if (mc.kind != vfs::MountKind::Memory) {
       std::error_code exists_ec;
       if (!fs::exists(mc.source, exists_ec)) {

@@ -881,7 +881,7 @@ class Decoder {
         typeError(item, mp, "a table/mapping");
         continue;
       }
-      checkKeys(item, mp, {"source", "target", "mode", "readonly"});
+      checkKeys(item, mp, {"source", "target", "mode", "readonly", "interception"});
       auto at = [&](std::string_view key) { return pointerAppend(mp, key); };
       Mount m;
       bool good = true;
@@ -943,6 +943,13 @@ class Decoder {
       } else {
         error(mp, "missing required key 'target'");
       }
+      if (Json* f = field(item, mp, "interception")) {
+        interception(*f, at("interception"), m);
+        if (isBlockMount(m.mode) && good) {
+          errorAtKey(at("interception"),
+                     "a volume or disk mount is not served by the host: no interception");
+        }
+      }
       if (Json* f = field(item, mp, "readonly")) {
         m.readonly = getBool(*f, at("readonly")).value_or(false);
         if (!isBlockMount(m.mode) && good) {
@@ -968,6 +975,79 @@ class Decoder {
       }
     }
     return out;
+  }
+
+  /// `interception = { emit_events = bool, rules = [{ name, ops, path, action, errno }] }`
+  void interception(Json& v, const std::string& ptr, Mount& m) {
+    if (!v.is_object()) {
+      typeError(v, ptr, "a table/mapping");
+      return;
+    }
+    checkKeys(v, ptr, {"emit_events", "rules"});
+    if (Json* f = field(v, ptr, "emit_events")) {
+      m.emit_events = getBool(*f, pointerAppend(ptr, "emit_events")).value_or(false);
+    }
+    Json* rules = field(v, ptr, "rules");
+    if (rules == nullptr) {
+      return;
+    }
+    const std::string rp = pointerAppend(ptr, "rules");
+    if (!rules->is_array()) {
+      typeError(*rules, rp, "a list of rules");
+      return;
+    }
+    for (size_t i = 0; i < rules->size(); ++i) {
+      const std::string ip = pointerAppend(rp, i);
+      Json& item = (*rules)[i];
+      if (!item.is_object()) {
+        typeError(item, ip, "a table/mapping");
+        continue;
+      }
+      checkKeys(item, ip, {"name", "ops", "path", "action", "errno"});
+      auto at = [&](std::string_view key) { return pointerAppend(ip, key); };
+      MountRule r;
+      if (Json* f = field(item, ip, "name")) {
+        r.name = getString(*f, at("name")).value_or("");
+      }
+      if (Json* f = field(item, ip, "path")) {
+        r.path = getString(*f, at("path")).value_or("");
+        if (!r.path.empty() && !r.path.starts_with("/") && !r.path.starts_with("*")) {
+          error(at("path"), "must be a glob over absolute guest paths (e.g. /workspace/*.key)");
+        }
+      }
+      if (Json* f = field(item, ip, "ops")) {
+        r.ops = stringList(*f, at("ops"), [&](const std::string& op, const std::string& p) {
+          if (std::ranges::find(kMountRuleOps, op) == kMountRuleOps.end()) {
+            enumError(
+                p, op,
+                {"stat", "readdir", "open", "create", "mkdir", "chmod", "remove", "rename",
+                 "symlink", "readlink", "read", "write", "close", "sync", "truncate", "link"});
+            return false;
+          }
+          return true;
+        });
+      }
+      if (Json* f = field(item, ip, "action")) {
+        if (auto a = getString(*f, at("action"))) {
+          if (*a == "block" || *a == "allow") {
+            r.block = *a == "block";
+          } else {
+            enumError(at("action"), *a, {"block", "allow"});
+          }
+        }
+      }
+      if (Json* f = field(item, ip, "errno")) {
+        if (auto e = getString(*f, at("errno"))) {
+          if (std::ranges::find(kMountRuleErrors, *e) == kMountRuleErrors.end()) {
+            enumError(at("errno"), *e,
+                      {"EPERM", "EACCES", "EROFS", "ENOENT", "EIO", "ENOSPC", "EEXIST"});
+          } else {
+            r.error = *e;
+          }
+        }
+      }
+      m.rules.push_back(std::move(r));
+    }
   }
 
   std::vector<PortForward> ports(Json& v, const std::string& ptr) {

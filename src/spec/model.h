@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
 #pragma once
 
+#include <array>
 #include <cstdint>
 #include <map>
 #include <optional>
@@ -20,13 +21,35 @@ inline constexpr const char* kDefaultPortAddress = "127.0.0.1";
 enum class MountMode { Overlay, ReadWrite, ReadOnly, Memory, Volume, Disk };
 enum class RestartPolicy { No, OnFailure, Always, UnlessStopped };
 
+/// A host-served mount's interception rule (docs/vfs.md, Hooks): operations on paths matching a
+/// glob are blocked with an errno or only observed (a file event).
+struct MountRule {
+  std::string name;
+  std::vector<std::string> ops;  ///< upstream's operation names; empty = all
+  std::string path;              ///< glob over the absolute guest path; empty = all
+  bool block = true;             ///< action "block" (else "allow": observe only)
+  std::string error = "EPERM";   ///< what a blocked operation returns
+  bool operator==(const MountRule&) const = default;
+};
+
 struct Mount {
   std::string source;  ///< absolute host path; empty for Memory; the volume name for Volume
   std::string target;  ///< absolute guest path
   MountMode mode = MountMode::Overlay;
-  bool readonly = false;  ///< Volume and Disk only
+  bool readonly = false;         ///< Volume and Disk only
+  std::vector<MountRule> rules;  ///< interception.rules (host-served mounts only)
+  bool emit_events = false;      ///< interception.emit_events
   bool operator==(const Mount&) const = default;
 };
+
+/// The errno names an interception rule may return.
+inline constexpr std::array<const char*, 7> kMountRuleErrors = {
+    "EPERM", "EACCES", "EROFS", "ENOENT", "EIO", "ENOSPC", "EEXIST"};
+/// The operation names an interception rule may name (upstream's, with its aliases).
+inline constexpr std::array<const char*, 19> kMountRuleOps = {
+    "stat",   "readdir",    "read_dir",  "open",     "create",  "mkdir",    "chmod",
+    "remove", "remove_all", "removeall", "rename",   "symlink", "readlink", "read",
+    "write",  "close",      "sync",      "truncate", "link"};
 
 struct PortForward {
   int host = 0;

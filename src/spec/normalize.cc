@@ -103,6 +103,23 @@ OJson mountJson(const Mount& m) {
   if (isBlockMount(m.mode)) {
     out["readonly"] = m.readonly;
   }
+  // Only when set, so that the hashes of specs without interception stay what they were.
+  if (!m.rules.empty() || m.emit_events) {
+    OJson rules = OJson::array();
+    for (const MountRule& r : m.rules) {
+      OJson rule = OJson::object();
+      rule["name"] = r.name;
+      rule["ops"] = r.ops;
+      rule["path"] = r.path;
+      rule["action"] = r.block ? "block" : "allow";
+      rule["errno"] = r.error;
+      rules.push_back(std::move(rule));
+    }
+    OJson interception = OJson::object();
+    interception["emit_events"] = m.emit_events;
+    interception["rules"] = std::move(rules);
+    out["interception"] = std::move(interception);
+  }
   return out;
 }
 

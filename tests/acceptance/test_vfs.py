@@ -4,6 +4,7 @@
 single file and a nested mount, plus `up` with a memory mount. Every containment attack runs from
 inside the guest, and the host trees are compared byte for byte afterwards."""
 import hashlib
+import json
 import os
 import pathlib
 import stat
@@ -355,7 +356,9 @@ name = "vfsdemo"
 image = "agent:latest"
 network = {{ no_network = true }}
 mounts = [
-  {{ source = "{src}", target = "/work/src", mode = "rw" }},
+  {{ source = "{src}", target = "/work/src", mode = "rw", interception = {{ rules = [
+      {{ name = "no-keys", ops = ["create"], path = "/work/src/*.key", errno = "EACCES" }},
+      {{ name = "watch-writes", ops = ["write"], action = "allow" }} ] }} }},
   {{ target = "/work/scratch", mode = "memory" }},
   {{ source = "{ov}", target = "/work/snap" }},
 ]
@@ -379,6 +382,21 @@ def test_up_attaches_spec_mounts_and_keeps_overlay_data(env, trees, tmp_path):
                     "echo snap > /work/snap/added.txt; grep ' /work/' /proc/mounts | wc -l")
         assert p.returncode == 0, p.stderr
         assert p.stdout.split() == ["from", "the", "spec", "m", "3"], p.stdout
+        # Hooks: a blocked create answers its errno; blocked and observed operations are
+        # file events next to the network ones.
+        p = env.run("exec", "vfsdemo/agent", "--", "sh", "-c",
+                    "echo k > /work/src/id.key; echo rc=$?; echo notes > /work/src/notes.txt")
+        assert "Permission denied" in p.stderr and "rc=0" not in p.stdout, p.stdout + p.stderr
+        assert not (src / "id.key").exists() and (src / "notes.txt").read_text() == "notes\n"
+        ev = env.run("events", "vfsdemo/agent", "-o", "json", check=True).stdout
+        files = [json.loads(line)["file"] for line in ev.splitlines()
+                 if line.strip() and json.loads(line).get("type") == "file"]
+        assert any(f["op"] == "create" and f["path"] == "/work/src/id.key" and
+                   f.get("rule") == "no-keys" for f in files), files
+        assert any(f["op"] == "write" and f["path"] == "/work/src/notes.txt" and f["size"] == 6
+                   for f in files), files
+        human = env.run("events", "vfsdemo/agent", check=True).stdout
+        assert "file create /work/src/id.key BLOCKED" in human, human
         data = env.home / "data" / "vfsdemo" / "agent" / "overlays"
         assert (data / "work_snap" / "upper" / "added.txt").read_text() == "snap\n"
         # A recreate keeps the snapshot's changes; the memory mount starts empty again.

@@ -77,7 +77,11 @@ TEST_CASE("each field class maps to the right action") {
        "user: (image default) → 1000"},
       {"mounts",
        [](spec::SandboxSpec& s) {
-         s.mounts.push_back({"/src", "/w", spec::MountMode::ReadOnly});
+         spec::Mount m;
+         m.source = "/src";
+         m.target = "/w";
+         m.mode = spec::MountMode::ReadOnly;
+         s.mounts.push_back(m);
        },
        ActionKind::Recreate, "mounts: +/w"},
       {"mtu", [](spec::SandboxSpec& s) { s.network.mtu = 9000; }, ActionKind::Recreate,

@@ -389,8 +389,8 @@ TEST_CASE("guest mount paths and shadowing") {
   CHECK_FALSE(isValidGuestMountPath("data"));
   CHECK_FALSE(isValidGuestMountPath("/a/../b"));
   CHECK_FALSE(isValidGuestMountPath("/a b"));
-  std::vector<Mount> mounts = {{"/h", "/workspace", MountMode::Overlay, false},
-                               {"v", "/data", MountMode::Volume, false}};
+  std::vector<Mount> mounts = {{"/h", "/workspace", MountMode::Overlay, false, {}, false},
+                               {"v", "/data", MountMode::Volume, false, {}, false}};
   CHECK(shadowingVfsMount(mounts, "/workspace/db") == "/workspace");
   CHECK(shadowingVfsMount(mounts, "/workspace") == "/workspace");
   CHECK(shadowingVfsMount(mounts, "/workspaces") == "");
@@ -406,8 +406,8 @@ TEST_CASE("upstream extra_disks become disk mounts") {
   INFO((spec ? "" : spec.error().toString()));
   REQUIRE(spec);
   REQUIRE(spec->mounts.size() == 2);
-  CHECK(spec->mounts[0] == Mount{"/var/lib/d.ext4", "/data", MountMode::Disk, true});
-  CHECK(spec->mounts[1] == Mount{"/var/lib/e.ext4", "/e", MountMode::Disk, false});
+  CHECK(spec->mounts[0] == Mount{"/var/lib/d.ext4", "/data", MountMode::Disk, true, {}, false});
+  CHECK(spec->mounts[1] == Mount{"/var/lib/e.ext4", "/e", MountMode::Disk, false, {}, false});
   CHECK_FALSE(decodeUpstreamConfig(
       nlohmann::json::parse(
           R"({"image": "b", "extra_disks": [{"host_path": "/d", "guest_mount": "rel"}]})"),
@@ -520,4 +520,48 @@ TEST_CASE("upstream RPC create params decode through the same decoder") {
   CHECK(bad.error().message().find("memory") != std::string::npos);
   CHECK_FALSE(decodeUpstreamConfig(nlohmann::json::parse(R"({"id": "vm-x", "image": "x"})"), "vm-1")
                   .has_value());
+}
+
+TEST_CASE("mount interception rules decode and name their errors") {
+  Decoded good = decodeText(R"(
+[sandboxes.a]
+image = "busybox:latest"
+[[sandboxes.a.mounts]]
+source = "/src"
+target = "/workspace"
+mode = "rw"
+interception = { emit_events = true, rules = [
+  { name = "keys", ops = ["create", "write"], path = "/workspace/*.key", errno = "EACCES" },
+  { ops = ["remove"], action = "allow" } ] }
+)",
+                            "toml");
+  INFO(good.firstError());
+  REQUIRE(good.diags.empty());
+  const Mount& m = good.file.sandboxes.at("a").mounts.at(0);
+  CHECK(m.emit_events);
+  REQUIRE(m.rules.size() == 2);
+  CHECK(m.rules[0].name == "keys");
+  CHECK(m.rules[0].ops == std::vector<std::string>{"create", "write"});
+  CHECK(m.rules[0].error == "EACCES");
+  CHECK(m.rules[0].block);
+  CHECK_FALSE(m.rules[1].block);
+  CHECK(toJson(good.file.sandboxes.at("a")).dump().find("interception") != std::string::npos);
+  Decoded bad = decodeText(R"(
+[sandboxes.a]
+image = "busybox:latest"
+[[sandboxes.a.mounts]]
+source = "/src"
+target = "/w"
+interception = { rules = [ { ops = ["explode"], errno = "EFAULT", path = "rel/*" } ] }
+)",
+                           "toml");
+  std::string text;
+  for (const auto& d : bad.diags) {
+    text += d.toString() + "\n";
+  }
+  INFO(text);
+  CHECK(text.find("mounts[0].interception.rules[0].ops[0]") != std::string::npos);
+  CHECK(text.find("interception.rules[0].errno") != std::string::npos);
+  CHECK(text.find("interception.rules[0].path") != std::string::npos);
+  CHECK(text.find("spec.toml:") != std::string::npos);
 }
