@@ -287,16 +287,43 @@ void ExecSession::start(std::string_view payload) {
   child_out.reset();
   child_err.reset();
   pty_slave.reset();
+  // Non-blocking from now on: stdin may arrive (and be written) before the exec report.
+  for (Fd* fd : {&stdin_, &stdout_, &stderr_}) {
+    if (*fd) {
+      (void)setNonBlocking(fd->get());
+    }
+  }
+  cwd_ = cwd;
+  argv0_ = req->argv[0];
+  report_ = std::move(errpipe->read);
+  (void)setNonBlocking(report_.get());
+  auto watch = loop_.watch(report_.get(), ev::kRead, [this](uint32_t) { onExecReport(); });
+  if (!watch) {
+    onExecReport();  // cannot watch: fall back to reading it now
+    return;
+  }
+  report_watch_ = std::move(*watch);
+}
+
+void ExecSession::onExecReport() {
+  if (!report_) {
+    return;
+  }
   int report[2] = {0, 0};
   ssize_t n = 0;
   do {
-    n = ::read(errpipe->read.get(), report, sizeof(report));
+    n = ::read(report_.get(), report, sizeof(report));
   } while (n < 0 && errno == EINTR);
+  if (n < 0 && errno == EAGAIN) {
+    return;  // spurious wake-up: the child has neither exec'd nor failed yet
+  }
+  report_watch_.reset();
+  report_.reset();
   if (n == static_cast<ssize_t>(sizeof(report))) {
     // The child failed before exec; it exits 127 and is reaped as usual.
     const char* what = report[0] == 1 ? "chdir" : report[0] == 2 ? "switching user" : "exec";
-    std::string error = fmt::format("{} {}: {}", what, report[0] == 1 ? cwd : req->argv[0],
-                                    std::strerror(report[1]));
+    std::string error =
+        fmt::format("{} {}: {}", what, report[0] == 1 ? cwd_ : argv0_, std::strerror(report[1]));
     int code = (report[0] == 3 && report[1] == ENOENT) ? 127 : 126;
     stdin_.reset();
     stdout_.reset();
@@ -306,15 +333,14 @@ void ExecSession::start(std::string_view payload) {
       (void)mux_.closeWrite(stream_);
     }
     finished_early_ = true;
+    if (exit_status_) {
+      done_ = true;
+    }
     return;
   }
+  const pid_t pid = pid_;
   send(guestproto::encodeExecMessage(ExecKind::Started, fmt::format("{{\"pid\": {}}}", pid)));
 
-  for (Fd* fd : {&stdin_, &stdout_, &stderr_}) {
-    if (*fd) {
-      (void)setNonBlocking(fd->get());
-    }
-  }
   auto out_watch = loop_.watch(stdout_.get(), ev::kRead, [this](uint32_t) {
     readOutput(stdout_, stdout_watch_, ExecKind::Stdout);
   });
@@ -334,6 +360,9 @@ void ExecSession::start(std::string_view payload) {
     if (in_watch) {
       stdin_watch_ = std::move(*in_watch);
     }
+  }
+  if (!stdin_buf_.empty()) {
+    writeStdin();  // what arrived while the child was starting
   }
   closeStdinIfDone();
 }
@@ -474,6 +503,7 @@ void ExecSession::cancel() {
 void ExecSession::onExit(int wait_status) {
   exit_status_ = wait_status;
   kill_timer_ = ev::Timer();
+  onExecReport();  // the child is gone: its report (or the pipe's EOF) is there to read
   if (finished_early_) {
     done_ = true;
     return;

@@ -49,6 +49,10 @@ class ExecSession {
 
  private:
   void start(std::string_view payload);
+  /// The child's exec report: EOF (exec succeeded: relay its output) or a failure. Read from the
+  /// loop, never waited for: a child whose chdir or exec goes through a host-served mount needs
+  /// this very process to relay its FUSE requests.
+  void onExecReport();
   void fail(int code, const std::string& error);
   void readOutput(Fd& fd, ev::Watch& watch, guestproto::ExecKind kind);
   void writeStdin();
@@ -86,6 +90,10 @@ class ExecSession {
   size_t withheld_credit_ = 0;
   ev::Timer kill_timer_;
   ev::Timer drain_timer_;
+  Fd report_;  ///< the child's CLOEXEC error pipe until it has exec'd or failed
+  ev::Watch report_watch_;
+  std::string cwd_;
+  std::string argv0_;
 };
 
 }  // namespace matchlock::guest

@@ -133,6 +133,19 @@ def test_mounts_are_up_with_their_content(env, sandbox):
     assert "fuse.matchlock" in out and "nosuid" in out and "nodev" in out, out
 
 
+def test_exec_with_cwd_and_binary_on_a_mount(env, sandbox, trees):
+    """The agent relays the mount's FUSE requests itself: a child whose chdir or exec goes
+    through the mount must not wait on an agent that waits on it."""
+    tool = trees["rw"] / "tool.sh"
+    tool.write_text("#!/bin/sh\necho tool ran in $(pwd)\n")
+    tool.chmod(0o755)
+    p = env.run("exec", "-w", "/workspace/rw", sandbox, "--", "/workspace/rw/tool.sh",
+                timeout=60)
+    assert p.returncode == 0 and "tool ran in /workspace/rw" in p.stdout, p.stdout + p.stderr
+    p = env.run("exec", "-w", "/workspace/rw/missing", sandbox, "--", "true", timeout=60)
+    assert p.returncode != 0 and "chdir /workspace/rw/missing" in p.stderr, p.stderr
+
+
 def test_rw_mount_semantics_real_tools_need(env, sandbox, trees):
     code = r"""
 import errno, os
