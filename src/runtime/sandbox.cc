@@ -714,7 +714,16 @@ Status teardown(state::Store& store, const state::SandboxRecord& r, const std::s
   killProcesses(store, r);
   const std::string run_dir = runDirOf(run_root, r.id);
   std::error_code ec;
-  fs::remove_all(run_dir, ec);
+  // A VMM killed while it starts may still be creating its sockets in the dir for a moment
+  // (ENOTEMPTY): a few short retries, bounded at half a second.
+  for (int attempt = 0; attempt < 10; ++attempt) {
+    ec.clear();
+    fs::remove_all(run_dir, ec);
+    if (!ec || ec != std::errc::directory_not_empty) {
+      break;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
   if (ec) {
     return makeError(Errc::System, fmt::format("removing {}", run_dir), ec.value());
   }
