@@ -954,6 +954,10 @@ void Connection::dispatch(Request& r) {
       if (h == nullptr) {
         return;
       }
+      if (p == nullptr) {
+        err(EBADF);  // file handles belong to provider nodes only
+        return;
+      }
       if (!allowed(Op::Read, node->rel)) {
         return;
       }
@@ -976,6 +980,10 @@ void Connection::dispatch(Request& r) {
       }
       Handle* h = findHandle(in.fh, false);
       if (h == nullptr) {
+        return;
+      }
+      if (p == nullptr) {
+        err(EBADF);  // file handles belong to provider nodes only
         return;
       }
       if (!allowed(Op::Write, node->rel)) {
@@ -1047,6 +1055,10 @@ void Connection::dispatch(Request& r) {
       if (h == nullptr) {
         return;
       }
+      if (p == nullptr) {
+        err(EBADF);  // file handles belong to provider nodes only
+        return;
+      }
       auto res = p->flush(h->local);
       if (!res) {
         err(res.error());
@@ -1067,6 +1079,10 @@ void Connection::dispatch(Request& r) {
       }
       Handle* h = findHandle(in.fh, false);
       if (h == nullptr) {
+        return;
+      }
+      if (p == nullptr) {
+        err(EBADF);  // file handles belong to provider nodes only
         return;
       }
       if (!allowed(Op::Sync, node->rel)) {
@@ -1199,6 +1215,10 @@ void Connection::dispatch(Request& r) {
       if (h == nullptr) {
         return;
       }
+      if (p == nullptr) {
+        err(EBADF);  // file handles belong to provider nodes only
+        return;
+      }
       if (!allowed(Op::Write, node->rel)) {
         return;
       }
@@ -1217,6 +1237,10 @@ void Connection::dispatch(Request& r) {
       }
       Handle* h = findHandle(in.fh, false);
       if (h == nullptr) {
+        return;
+      }
+      if (p == nullptr) {
+        err(EBADF);  // file handles belong to provider nodes only
         return;
       }
       auto res = p->lseek(h->local, in.offset, static_cast<int>(in.whence));
