@@ -299,7 +299,15 @@ void ExecSession::start(std::string_view payload) {
   (void)setNonBlocking(report_.get());
   auto watch = loop_.watch(report_.get(), ev::kRead, [this](uint32_t) { onExecReport(); });
   if (!watch) {
-    onExecReport();  // cannot watch: fall back to reading it now
+    // Without a watch the report would never be read and the session would hang: give up on
+    // the child instead (it is reaped as usual).
+    report_.reset();
+    (void)::kill(pid, SIGKILL);
+    stdin_.reset();
+    stdout_.reset();
+    stderr_.reset();
+    finished_early_ = true;
+    fail(126, fmt::format("cannot watch the exec report: {}", watch.error().toString()));
     return;
   }
   report_watch_ = std::move(*watch);

@@ -222,9 +222,16 @@ Status SandboxVfs::openMounts(const VfsConfig& config) {
         std::string copy = m.overlay_dir + "/" + fs::path(m.source).filename().string();
         std::error_code ec;
         if (!fs::exists(copy, ec)) {
-          fs::copy_file(m.source, copy, ec);
+          // Copied aside, then renamed: an interrupted copy is never mistaken for the snapshot.
+          const std::string partial = copy + ".partial";
+          fs::copy_file(m.source, partial, fs::copy_options::overwrite_existing, ec);
+          if (!ec) {
+            fs::rename(partial, copy, ec);
+          }
           if (ec) {
-            return makeError(mountError(m, fmt::format("copying {}: {}", m.source, ec.message())));
+            const std::string why = ec.message();
+            fs::remove(partial, ec);
+            return makeError(mountError(m, fmt::format("copying {}: {}", m.source, why)));
           }
         }
         root.reset(::open(copy.c_str(), O_PATH | O_NOFOLLOW | O_CLOEXEC));
