@@ -17,6 +17,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "common/base64.h"
 #include "common/cptr.h"
 #include "common/log.h"
 #include "common/strings.h"
@@ -35,38 +36,15 @@ void initCurlOnce() {
   std::call_once(once, [] { curl_global_init(CURL_GLOBAL_DEFAULT); });
 }
 
-std::string base64Encode(std::string_view in) {
-  std::string out(4 * ((in.size() + 2) / 3) + 1, '\0');
-  int n = EVP_EncodeBlock(reinterpret_cast<unsigned char*>(out.data()),
-                          reinterpret_cast<const unsigned char*>(in.data()),
-                          static_cast<int>(in.size()));
-  out.resize(static_cast<size_t>(std::max(n, 0)));
-  return out;
-}
-
-Result<std::string> base64Decode(std::string_view in) {
+/// Registry replies may wrap base64 across lines.
+Result<std::string> base64DecodeLoose(std::string_view in) {
   std::string clean;
   for (char c : in) {
     if (c != '\n' && c != '\r' && c != ' ') {
       clean.push_back(c);
     }
   }
-  if (clean.size() % 4 != 0) {
-    return makeError(Errc::InvalidSpec, "invalid base64");
-  }
-  std::string out(clean.size() / 4 * 3 + 1, '\0');
-  int n = EVP_DecodeBlock(reinterpret_cast<unsigned char*>(out.data()),
-                          reinterpret_cast<const unsigned char*>(clean.data()),
-                          static_cast<int>(clean.size()));
-  if (n < 0) {
-    return makeError(Errc::InvalidSpec, "invalid base64");
-  }
-  size_t pad = 0;
-  for (size_t i = clean.size(); i > 0 && clean[i - 1] == '='; --i) {
-    ++pad;
-  }
-  out.resize(static_cast<size_t>(n) - pad);
-  return out;
+  return base64Decode(clean);
 }
 
 std::string urlEncode(std::string_view s) {
@@ -646,7 +624,7 @@ Result<std::optional<Credentials>> credentialsFor(std::string_view host, const s
     Credentials c;
     auto auth = value.find("auth");
     if (auth != value.end() && auth->is_string() && !auth->get<std::string>().empty()) {
-      auto decoded = base64Decode(auth->get<std::string>());
+      auto decoded = base64DecodeLoose(auth->get<std::string>());
       if (!decoded) {
         return makeError(Errc::InvalidSpec,
                          fmt::format("{}: auths.{}.auth is not valid base64", file, key));
