@@ -87,6 +87,9 @@ void Agent::newMux() {
       sessions_[stream] = std::make_unique<ExecSession>(
           loop_, *mux_, stream, [this] { scheduleFlush(); }, options_.cgroup_procs,
           &options_.base_env);
+    } else if (port == guestproto::kPortService) {
+      sessions_[stream] = std::make_unique<ExecSession>(
+          loop_, *mux_, stream, [this] { scheduleFlush(); }, options_.cgroup_procs, nullptr, true);
     } else if (port == guestproto::kPortReady) {
       control_[stream] = "";
     } else {

@@ -15,6 +15,8 @@
 #include <cstring>
 #include <vector>
 
+#include <nlohmann/json.hpp>
+
 #include "guest/agent/log.h"
 #include "guest/agent/users.h"
 
@@ -63,13 +65,14 @@ void writeAll(int fd, const void* data, size_t len) {
 
 ExecSession::ExecSession(ev::Loop& loop, guestproto::Mux& mux, uint32_t stream,
                          std::function<void()> activity, std::string cgroup_procs,
-                         const std::map<std::string, std::string>* base_env)
+                         const std::map<std::string, std::string>* base_env, bool service)
     : loop_(loop),
       mux_(mux),
       stream_(stream),
       activity_(std::move(activity)),
       cgroup_procs_(std::move(cgroup_procs)),
-      base_env_(base_env) {}
+      base_env_(service ? nullptr : base_env),
+      service_(service) {}
 
 ExecSession::~ExecSession() {
   // Watches before fds (Watch does not own the fd).
@@ -137,9 +140,26 @@ void ExecSession::onData(std::string_view data) {
   }
 }
 
+Result<guestproto::ExecRequest> ExecSession::requestOf(std::string_view payload) const {
+  if (!service_) {
+    return guestproto::decodeStart(payload);
+  }
+  auto j = nlohmann::json::parse(payload, nullptr, false);
+  if (!j.is_object() || !j.contains("op") || !j["op"].is_string()) {
+    return makeError(Errc::InvalidSpec, "service request must be a JSON object with an op");
+  }
+  guestproto::ExecRequest req;
+  // The helper is this very binary: a separate process, so that a service touching a
+  // host-served mount never blocks the loop that relays that mount's FUSE requests.
+  req.argv = {"/proc/self/exe", "__service", std::string(payload)};
+  req.cwd = "/";
+  req.kill_grace_seconds = 1;
+  return req;
+}
+
 void ExecSession::start(std::string_view payload) {
   started_ = true;
-  auto req = guestproto::decodeStart(payload);
+  auto req = requestOf(payload);
   if (!req) {
     fail(127, req.error().message());
     return;

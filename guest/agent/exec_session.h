@@ -27,7 +27,7 @@ class ExecSession {
   /// can flush the channel (the session's own fd callbacks run outside the owner's code paths).
   ExecSession(ev::Loop& loop, guestproto::Mux& mux, uint32_t stream, std::function<void()> activity,
               std::string cgroup_procs = "",
-              const std::map<std::string, std::string>* base_env = nullptr);
+              const std::map<std::string, std::string>* base_env = nullptr, bool service = false);
   ExecSession(const ExecSession&) = delete;
   ExecSession& operator=(const ExecSession&) = delete;
   ExecSession(ExecSession&&) = delete;
@@ -49,6 +49,9 @@ class ExecSession {
 
  private:
   void start(std::string_view payload);
+  /// The process a Start payload asks for: an ExecRequest, or for a service stream the agent's
+  /// own binary in its `__service` mode (root, cwd /, no sandbox env).
+  Result<guestproto::ExecRequest> requestOf(std::string_view payload) const;
   /// The child's exec report: EOF (exec succeeded: relay its output) or a failure. Read from the
   /// loop, never waited for: a child whose chdir or exec goes through a host-served mount needs
   /// this very process to relay its FUSE requests.
@@ -68,6 +71,7 @@ class ExecSession {
   std::function<void()> activity_;
   std::string cgroup_procs_;
   const std::map<std::string, std::string>* base_env_ = nullptr;  ///< owned by the Agent
+  bool service_ = false;
   guestproto::ExecMessageReader reader_;
   bool started_ = false;
   bool tty_ = false;

@@ -40,6 +40,7 @@
 #include "ev/loop.h"
 #include "guest/agent/agent.h"
 #include "guest/agent/log.h"
+#include "guest/agent/service.h"
 #include "guest/init/net.h"
 
 namespace matchlock::guest {
@@ -518,6 +519,9 @@ int main(int argc, char** argv) {
   if (argc >= 2 && std::strcmp(argv[1], "version") == 0) {
     std::printf("matchlock-guest %s\n", matchlock::guest::kVersion);
     return 0;
+  }
+  if (argc == 3 && std::strcmp(argv[1], "__service") == 0) {
+    return matchlock::guest::runService(argv[2]);
   }
   if (argc >= 2 && std::strcmp(argv[1], "selftest") == 0) {
     std::puts("selftest: ok");

@@ -20,6 +20,9 @@ inline constexpr uint16_t kVersionMinor = 0;
 inline constexpr uint32_t kPortExec = 5000;
 inline constexpr uint32_t kPortVfs = 5001;
 inline constexpr uint32_t kPortReady = 5002;
+/// Guest services run by the agent itself (file write/read/list, TCP forwards): exec framing
+/// whose Start names the service (schema/guest-protocol.v1.md).
+inline constexpr uint32_t kPortService = 5003;
 
 inline constexpr size_t kHeaderSize = 12;
 /// Largest payload either side may send or accept.
