@@ -817,7 +817,19 @@ Result<supervisor::Config> readSupervisorConfig(const std::string& config_path) 
 Status superviseCommand(const std::string& config_path, int secrets_fd) {
   ML_ASSIGN_OR_RETURN(auto config, readSupervisorConfig(config_path));
   config.secrets_fd = secrets_fd;
-  return supervisor::run(config);
+  Status st = supervisor::run(config);
+  if (supervisor::ownerGone(config)) {
+    // The `matchlock rpc` server that owned the sandbox died without closing it: nothing of the
+    // sandbox may outlive it (its network and VFS went with run()).
+    auto store = state::Store::open(config.state_db);
+    std::string root = std::filesystem::path(config.run_dir).parent_path().string();
+    if (store) {
+      if (auto record = store->getSandbox(config.sandbox_id); record) {
+        (void)runtime::remove(*store, *record, root, false);
+      }
+    }
+  }
+  return st;
 }
 
 void addExitCode(CommandContext& ctx, Result<int> r) {

@@ -307,6 +307,7 @@ Result<std::string> launch(state::Store& store, const spec::SandboxSpec& spec,
   (void)store.markResourceCreated(state::ResourceKind::RunDir, run_dir);
 
   supervisor::Config cfg;
+  cfg.owner = options.owner;
   cfg.sandbox_id = id;
   cfg.run_dir = run_dir;
   cfg.vm.kernel = assets.kernel;
@@ -635,6 +636,8 @@ void killProcesses(state::Store& store, const state::SandboxRecord& r) {
   if (auto vm = store.getVm(r.id); vm && vm->process) {
     refs.push_back(*vm->process);
   }
+  // A supervisor removing its own sandbox (its owner died) must not kill itself.
+  std::erase_if(refs, [](const sys::ProcessRef& ref) { return ref.pid == ::getpid(); });
   for (const auto& ref : refs) {
     if (sys::isAlive(ref)) {
       (void)::kill(ref.pid, SIGKILL);

@@ -81,6 +81,9 @@ struct LaunchOptions {
   /// The values of the spec's secrets, already resolved by the caller (null: launch resolves
   /// them). Handed to the supervisor through a pipe, never through a file, argv or env.
   const std::map<std::string, std::string>* secret_values = nullptr;
+  /// The process the sandbox belongs to: when it dies, the supervisor powers the guest off and
+  /// removes the sandbox (`matchlock rpc` without keep_on_disconnect).
+  std::optional<sys::ProcessRef> owner;
 };
 
 /// Creates the sandbox's record (or, when `existing_id` is set, re-points that record at `spec`

@@ -8,6 +8,7 @@
 #include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <sys/un.h>
 #include <unistd.h>
 
@@ -55,31 +56,38 @@ nlohmann::json toJson(const Config& c) {
   for (const auto& d : c.vm.disks) {
     disks.push_back({{"path", d.path}, {"serial", d.serial}, {"readonly", d.readonly}});
   }
-  return {{"sandbox_id", c.sandbox_id},
-          {"run_dir", c.run_dir},
-          {"backend", c.backend},
-          {"kernel", c.vm.kernel},
-          {"initramfs", c.vm.initramfs},
-          {"cpus", c.vm.cpus},
-          {"memory_mib", c.vm.memory_mib},
-          {"disks", disks},
-          {"kernel_params", c.vm.kernel_params},
-          {"accel", std::string(vm::toString(c.vm.accel))},
-          {"upper_disk_mib", c.upper_disk_mib},
-          {"upper_disk_path", c.upper_disk_path},
-          {"keep_upper_disk", c.keep_upper_disk},
-          {"boot_timeout_ms", c.boot_timeout.count()},
-          {"state_db", c.state_db},
-          {"main_process", c.main_process ? nlohmann::json{{"argv", c.main_process->argv},
-                                                           {"env", c.main_process->env},
-                                                           {"cwd", c.main_process->cwd},
-                                                           {"user", c.main_process->user},
-                                                           {"restart", c.main_process->restart}}
-                                          : nlohmann::json()},
-          {"network", net::toJson(c.network)},
-          {"vfs", vfs::toJson(c.vfs)},
-          {"add_hosts", c.add_hosts},
-          {"boot_config_path", c.boot_config_path}};
+  return {
+      {"sandbox_id", c.sandbox_id},
+      {"run_dir", c.run_dir},
+      {"backend", c.backend},
+      {"kernel", c.vm.kernel},
+      {"initramfs", c.vm.initramfs},
+      {"cpus", c.vm.cpus},
+      {"memory_mib", c.vm.memory_mib},
+      {"disks", disks},
+      {"kernel_params", c.vm.kernel_params},
+      {"accel", std::string(vm::toString(c.vm.accel))},
+      {"upper_disk_mib", c.upper_disk_mib},
+      {"upper_disk_path", c.upper_disk_path},
+      {"keep_upper_disk", c.keep_upper_disk},
+      {"boot_timeout_ms", c.boot_timeout.count()},
+      {"state_db", c.state_db},
+      {"main_process", c.main_process ? nlohmann::json{{"argv", c.main_process->argv},
+                                                       {"env", c.main_process->env},
+                                                       {"cwd", c.main_process->cwd},
+                                                       {"user", c.main_process->user},
+                                                       {"restart", c.main_process->restart}}
+                                      : nlohmann::json()},
+      {"network", net::toJson(c.network)},
+      {"vfs", vfs::toJson(c.vfs)},
+      {"add_hosts", c.add_hosts},
+      {"boot_config_path", c.boot_config_path},
+      {"owner", c.owner ? nlohmann::json{{"pid", c.owner->pid}, {"start_time", c.owner->start_time}}
+                        : nlohmann::json()}};
+}
+
+bool ownerGone(const Config& config) {
+  return config.owner && !sys::isAlive(*config.owner);
 }
 
 Result<Config> configFromJson(const nlohmann::json& j) {
@@ -122,6 +130,9 @@ Result<Config> configFromJson(const nlohmann::json& j) {
     }
     c.add_hosts = j.value("add_hosts", std::map<std::string, std::string>{});
     c.boot_config_path = j.value("boot_config_path", std::string());
+    if (auto o = j.find("owner"); o != j.end() && o->is_object()) {
+      c.owner = sys::ProcessRef{o->at("pid").get<pid_t>(), o->at("start_time").get<uint64_t>()};
+    }
     c.vm.channel_socket = channelSocketPath(c.run_dir);
     c.vm.control_socket = c.run_dir + "/qmp.sock";
     c.vm.console_log = consoleLogPath(c.run_dir);
@@ -306,7 +317,8 @@ struct Client {
   std::string in;
   std::string out;
   bool have_request = false;
-  uint32_t stream = 0;  // guest stream, once exec started
+  uint32_t port = 0;    // guest port the relay opens (exec or service)
+  uint32_t stream = 0;  // guest stream, once the relay started
   size_t unacked = 0;   // guest bytes queued for the client, not yet granted back
   size_t local = 0;     // bytes at the front of `out` that did not come from the guest
   bool closing = false;
@@ -336,7 +348,11 @@ class Supervisor {
   void onAccept();
   void onClient(Client* c, uint32_t events);
   void handleRequest(Client* c, const nlohmann::json& req);
-  void startExec(Client* c);
+  /// Powers the sandbox off when its owner process (config.owner) dies: a pidfd on the loop,
+  /// checked against the recorded start time so a reused pid is never mistaken for the owner.
+  Status watchOwner();
+  /// Opens the client's guest stream (exec or service port) and relays bytes both ways.
+  void startRelay(Client* c);
   void pumpClient(Client* c);
   void closeClient(Client* c, const std::string& error = "");
   void stop(const std::string& why);
@@ -360,6 +376,8 @@ class Supervisor {
   ev::Timer boot_timer_;
   ev::Timer stop_timer_;
   Fd listener_;
+  Fd owner_pidfd_;
+  ev::Watch owner_watch_;
   ev::Watch listener_watch_;
   std::list<std::unique_ptr<Client>> clients_;
   std::map<uint32_t, std::string> ready_streams_;
@@ -409,6 +427,7 @@ Status Supervisor::start() {
   ML_ASSIGN_OR_RETURN(listener_, listenUnix(controlSocketPath(config_.run_dir)));
   ML_ASSIGN_OR_RETURN(listener_watch_,
                       loop_.watch(listener_.get(), ev::kRead, [this](uint32_t) { onAccept(); }));
+  ML_RETURN_IF_ERROR(watchOwner());
 
   sys::SpawnOptions opts;
   opts.stdout_path = config_.run_dir + "/qemu.log";
@@ -707,8 +726,8 @@ void Supervisor::onReady(std::string_view status_json) {
                                  sys::ProcessRef{qemu_.pid(), qemu_.startTime()});
   }
   for (auto& c : clients_) {
-    if (c->have_request && c->stream == 0 && !c->closing) {
-      startExec(c.get());
+    if (c->have_request && c->port != 0 && c->stream == 0 && !c->closing) {
+      startRelay(c.get());
     }
   }
   flushChannel();
@@ -878,21 +897,40 @@ void Supervisor::handleRequest(Client* c, const nlohmann::json& req) {
     c->closing = true;
     pumpClient(c);
     stop("stop requested");
-  } else if (op == "exec") {
+  } else if (op == "exec" || op == "service") {
+    // Raw relays to a new guest stream: exec messages for a process, or the same framing for
+    // one of the agent's services (file write/read/list, TCP forwards).
     if (stopping_) {
       closeClient(c, "sandbox is stopping");
       return;
     }
+    c->port = op == "exec" ? guestproto::kPortExec : guestproto::kPortService;
     if (ready_) {
-      startExec(c);
+      startRelay(c);
     }  // else: started by onReady
   } else {
     closeClient(c, fmt::format("unknown op '{}'", op));
   }
 }
 
-void Supervisor::startExec(Client* c) {
-  auto stream = mux_->open(guestproto::kPortExec);
+Status Supervisor::watchOwner() {
+  if (!config_.owner) {
+    return ok();
+  }
+  owner_pidfd_ = Fd(static_cast<int>(::syscall(SYS_pidfd_open, config_.owner->pid, 0)));
+  if (!owner_pidfd_ || !sys::isAlive(*config_.owner)) {
+    return makeError(Errc::Unavailable,
+                     fmt::format("the owner process {} is gone", config_.owner->pid));
+  }
+  ML_ASSIGN_OR_RETURN(owner_watch_, loop_.watch(owner_pidfd_.get(), ev::kRead, [this](uint32_t) {
+    owner_watch_.reset();
+    stop("its owner process exited");
+  }));
+  return ok();
+}
+
+void Supervisor::startRelay(Client* c) {
+  auto stream = mux_->open(c->port);
   if (!stream) {
     closeClient(c, stream.error().message());
     return;

@@ -11,6 +11,7 @@
 
 #include "common/result.h"
 #include "net/sandbox_network.h"
+#include "sys/process_ref.h"
 #include "vfs/sandbox_vfs.h"
 #include "vm/backend.h"
 
@@ -56,7 +57,14 @@ struct Config {
   /// An inherited pipe carrying the secret values as one JSON object {name: value}, read to EOF
   /// at start (-1 = no secrets). Not serialized: values never touch the disk.
   int secrets_fd = -1;
+  /// The process the sandbox belongs to (a `matchlock rpc` server): when it dies the guest is
+  /// powered off, and the caller of run() removes the sandbox (ownerGone()). Unset: the sandbox
+  /// lives until stopped.
+  std::optional<sys::ProcessRef> owner;
 };
+
+/// True when `config` names an owner process that is no longer alive.
+bool ownerGone(const Config& config);
 
 nlohmann::json toJson(const Config& config);
 Result<Config> configFromJson(const nlohmann::json& j);
