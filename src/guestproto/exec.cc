@@ -26,12 +26,16 @@ std::string encodeExecMessage(ExecKind kind, std::string_view payload) {
   return out;
 }
 
-std::string encodeStart(const ExecRequest& r) {
+std::string startPayload(const ExecRequest& r) {
   nlohmann::json j = {{"argv", r.argv}, {"env", r.env},
                       {"cwd", r.cwd},   {"user", r.user},
                       {"tty", r.tty},   {"rows", r.rows},
                       {"cols", r.cols}, {"kill_grace_seconds", r.kill_grace_seconds}};
-  return encodeExecMessage(ExecKind::Start, j.dump());
+  return j.dump();
+}
+
+std::string encodeStart(const ExecRequest& r) {
+  return encodeExecMessage(ExecKind::Start, startPayload(r));
 }
 
 std::string encodeResize(uint16_t rows, uint16_t cols) {

@@ -53,6 +53,8 @@ struct ExecMessage {
 };
 
 std::string encodeExecMessage(ExecKind kind, std::string_view payload);
+/// The Start message's JSON payload (encodeStart without the message header).
+std::string startPayload(const ExecRequest& request);
 std::string encodeStart(const ExecRequest& request);
 std::string encodeResize(uint16_t rows, uint16_t cols);
 std::string encodeSignal(uint32_t signo);

@@ -22,8 +22,8 @@
 
 namespace matchlock::runtime {
 namespace {
-
 using guestproto::ExecKind;
+}  // namespace
 
 Result<Fd> connectControl(const std::string& path, int timeout_ms) {
   auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(timeout_ms);
@@ -49,6 +49,8 @@ Result<Fd> connectControl(const std::string& path, int timeout_ms) {
     std::this_thread::sleep_for(std::chrono::milliseconds(5));
   }
 }
+
+namespace {
 
 /// Writes all of `data` to a blocking fd: send(MSG_NOSIGNAL) for the socket (a vanished
 /// supervisor must not kill us with SIGPIPE), write() for our stdout/stderr.

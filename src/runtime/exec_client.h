@@ -3,6 +3,7 @@
 
 #include <string>
 
+#include "common/fd.h"
 #include "common/result.h"
 #include "guestproto/exec.h"
 
@@ -15,6 +16,9 @@ struct ExecClientOptions {
   /// How long to wait for the supervisor's control socket to accept.
   int connect_timeout_ms = 10000;
 };
+
+/// Connects to a supervisor's control socket, retrying until `timeout_ms` (it may be starting).
+[[nodiscard]] Result<Fd> connectControl(const std::string& path, int timeout_ms);
 
 /// Runs one process in a sandbox through its supervisor's control socket and relays stdio
 /// (and, with a TTY, raw mode and window size) until it exits. Ctrl-C without a TTY cancels:
