@@ -25,7 +25,8 @@ ALLOWED = {
     "supervisor": {"common", "sys", "ev", "guestproto", "spec", "state", "vm", "image", "net", "vfs"},
     "runtime": {"common", "sys", "ev", "guestproto", "spec", "state", "image", "vm", "net", "vfs",
                 "supervisor", "reconcile"},
-    "rpc": {"common", "ev", "spec"},
+    "rpc": {"common", "sys", "ev", "guestproto", "spec", "state", "image", "vm", "net", "vfs",
+            "supervisor", "runtime"},
     "cli": {"common", "spec", "state", "rpc", "reconcile", "image", "vm", "net", "vfs", "sys", "ev",
             "supervisor", "guestproto", "runtime"},
     "app": None,  # composition root: anything

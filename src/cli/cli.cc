@@ -51,6 +51,7 @@ int run(int argc, char** argv) {
   addUpCommands(app, ctx);
   addImageCommands(app, ctx);
   addVolumeCommands(app, ctx);
+  addRpcCommands(app, ctx);
 
   try {
     app.parse(argc, argv);

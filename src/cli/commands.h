@@ -27,6 +27,7 @@ void addImageCommands(CLI::App& app, CommandContext& ctx);  // pull, image ...
 void addVmCommands(CLI::App& app, CommandContext& ctx);  // run, exec, list, inspect, log, kill, rm
 void addUpCommands(CLI::App& app, CommandContext& ctx);  // up, plan, reconcile, down, ps
 void addVolumeCommands(CLI::App& app, CommandContext& ctx);  // volume create|ls|rm|cp
+void addRpcCommands(CLI::App& app, CommandContext& ctx);     // rpc, cp, port-forward
 
 /// `matchlock <version> (commit: <sha>, built: <date>)`, as upstream prints it.
 std::string versionLine();
