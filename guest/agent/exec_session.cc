@@ -474,6 +474,10 @@ void ExecSession::writeStdin() {
   if (withheld_credit_ > 0 && stdin_buf_.size() < kStdinHighWater / 2 && !stream_gone_) {
     mux_.consumed(stream_, withheld_credit_);
     withheld_credit_ = 0;
+    // The Window frame is queued on the mux: when this runs from the stdin pipe's writable
+    // event (not from onData), nothing else would flush it and the host would wait for credit
+    // until unrelated traffic happened to flush the mux.
+    activity_();
   }
   closeStdinIfDone();
 }
