@@ -12,6 +12,7 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <csignal>
 #include <cstdio>
 #include <cstring>
 #include <ctime>
@@ -34,21 +35,6 @@ int failWith(const std::string& message, int code = 1) {
 
 std::string errnoText(int err) {
   return std::strerror(err);
-}
-
-bool writeAll(int fd, const char* p, size_t n) {
-  while (n > 0) {
-    ssize_t w = ::write(fd, p, n);
-    if (w < 0 && errno == EINTR) {
-      continue;
-    }
-    if (w <= 0) {
-      return false;
-    }
-    p += w;
-    n -= static_cast<size_t>(w);
-  }
-  return true;
 }
 
 /// Creates every missing directory above `path` with mode 0755.
@@ -90,7 +76,7 @@ int doWrite(const std::string& path, uint32_t mode) {
     if (n == 0) {
       break;
     }
-    if (!writeAll(fd, buf, static_cast<size_t>(n))) {
+    if (!writeAll(fd, std::string_view(buf, static_cast<size_t>(n)))) {
       int err = errno;
       return failWith(fmt::format("write {}: {}", path, errnoText(err)));
     }
@@ -134,7 +120,7 @@ int doRead(const std::string& path, uint64_t max_bytes) {
     if (total > max_bytes) {  // grew while we read it
       return failWith(fmt::format("read {}: file too large (the limit is {})", path, max_bytes));
     }
-    if (!writeAll(STDOUT_FILENO, buf, static_cast<size_t>(n))) {
+    if (!writeAll(STDOUT_FILENO, std::string_view(buf, static_cast<size_t>(n)))) {
       return 1;  // the host went away
     }
   }
@@ -222,7 +208,7 @@ int doList(const std::string& path) {
   }
   (void)::closedir(dir);
   std::string out = files.dump() + "\n";
-  return writeAll(STDOUT_FILENO, out.data(), out.size()) ? 0 : 1;
+  return writeAll(STDOUT_FILENO, out) ? 0 : 1;
 }
 
 int doForward(const std::string& host, int port) {
@@ -262,7 +248,7 @@ int doForward(const std::string& host, int port) {
     if (in_open && (fds[0].revents & (POLLIN | POLLHUP | POLLERR)) != 0) {
       ssize_t n = ::read(STDIN_FILENO, buf, sizeof(buf));
       if (n > 0) {
-        if (!writeAll(sock, buf, static_cast<size_t>(n))) {
+        if (!writeAll(sock, std::string_view(buf, static_cast<size_t>(n)))) {
           break;  // the guest service reset the connection
         }
       } else if (n == 0 || errno != EINTR) {
@@ -273,7 +259,7 @@ int doForward(const std::string& host, int port) {
     if (out_open && (fds[1].revents & (POLLIN | POLLHUP | POLLERR)) != 0) {
       ssize_t n = ::read(sock, buf, sizeof(buf));
       if (n > 0) {
-        if (!writeAll(STDOUT_FILENO, buf, static_cast<size_t>(n))) {
+        if (!writeAll(STDOUT_FILENO, std::string_view(buf, static_cast<size_t>(n)))) {
           break;  // the host went away
         }
       } else if (n == 0 || errno != EINTR) {
@@ -317,6 +303,9 @@ int serve(std::string_view request) {
 }  // namespace
 
 int runService(std::string_view request) {
+  // A peer that went away (the host, or the guest server of a forward) is a write error here,
+  // not a silent death by SIGPIPE that would hide the reason.
+  (void)std::signal(SIGPIPE, SIG_IGN);
   try {
     return serve(request);
   } catch (const Json::exception& e) {

@@ -44,20 +44,6 @@ Result<std::pair<std::string, std::string>> controlOf(const std::string& ref) {
   return std::pair{rec.id, supervisor::controlSocketPath(runtime::runDirOf(root, rec.id))};
 }
 
-bool writeAll(int fd, std::string_view data) {
-  while (!data.empty()) {
-    ssize_t n = ::write(fd, data.data(), data.size());
-    if (n < 0 && errno == EINTR) {
-      continue;
-    }
-    if (n <= 0) {
-      return false;
-    }
-    data.remove_prefix(static_cast<size_t>(n));
-  }
-  return true;
-}
-
 /// `ID:/path` (ID: an id, project/name or name) or a host path. As docker cp: a path starting
 /// with `/` or `.` is always the host's, so a host path holding ':' is written `./a:b`.
 struct CpEnd {

@@ -71,6 +71,20 @@ Result<std::string> readFile(const std::string& path) {
   return out;
 }
 
+bool writeAll(int fd, std::string_view data) {
+  while (!data.empty()) {
+    ssize_t n = ::write(fd, data.data(), data.size());
+    if (n < 0 && errno == EINTR) {
+      continue;
+    }
+    if (n <= 0) {
+      return false;
+    }
+    data.remove_prefix(static_cast<size_t>(n));
+  }
+  return true;
+}
+
 Status writeFileAtomic(const std::string& path, std::string_view data, unsigned mode) {
   std::string tmp = fmt::format("{}.tmp.{}", path, ::getpid());
   {

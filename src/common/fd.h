@@ -59,6 +59,10 @@ Result<std::string> readFile(const std::string& path);
 /// Streams a file through `chunk` (64 KiB at a time) without holding it in memory.
 Status readFileChunks(const std::string& path, const std::function<void(std::string_view)>& chunk);
 
+/// Writes all of `data` to a blocking fd (retrying on EINTR and short writes). False on error,
+/// with errno set.
+bool writeAll(int fd, std::string_view data);
+
 /// Writes `data` to `path` atomically (temp file in the same directory, fsync, rename).
 Status writeFileAtomic(const std::string& path, std::string_view data, unsigned mode = 0644);
 

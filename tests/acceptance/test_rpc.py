@@ -72,12 +72,7 @@ def env(tmp_path_factory, kernel, image_fixtures):
                                      "--user=root", "--group=root",
                                      f"--address=/web.test/{WEB_IP}"),
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        layout = image_fixtures["agent"] / "agent-oci"
-        tar = subprocess.run(["tar", "-C", str(layout), "-cf", "-", "."], check=True,
-                             capture_output=True).stdout
-        r = subprocess.run([e.binary, "image", "import", "agent:latest"], input=tar,
-                           capture_output=True, env=e.env, timeout=300)
-        assert r.returncode == 0, r.stderr
+        e.import_layout(image_fixtures["agent"] / "agent-oci", "agent:latest")
         e.base = base
         yield e
     finally:
@@ -197,6 +192,22 @@ def test_exec_pipe_stdin_to_eof(rpc):
     assert res["exit_code"] == 0
     assert req.output("exec_pipe.stdout").split()[0].decode() == hashlib.sha256(payload).hexdigest()
     assert req.output("exec_pipe.stderr") == b"done\n"
+
+
+def test_stdin_into_a_slow_reader_keeps_flowing(rpc):
+    # The guest withholds stdin credit while the process does not read, and must give it back
+    # by itself once the pipe drains (a regression: the credit sat queued until unrelated
+    # traffic flushed it, stalling writes for up to a minute).
+    payload = os.urandom(8 << 20)
+    req = rpc.start("exec_pipe", {"command": "sleep 2; sha256sum"})
+    req.wait_notification("exec_pipe.ready")
+    for i in range(0, len(payload), 1 << 20):
+        req.stdin(payload[i:i + (1 << 20)])
+    req.stdin_eof()
+    started = time.monotonic()
+    assert req.result(60)["exit_code"] == 0
+    assert time.monotonic() - started < 30
+    assert req.output("exec_pipe.stdout").split()[0].decode() == hashlib.sha256(payload).hexdigest()
 
 
 def test_exec_tty_size_resize_and_merged_output(rpc):

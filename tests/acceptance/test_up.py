@@ -345,12 +345,7 @@ def test_a_moved_image_tag_recreates_with_the_digest_in_the_reason(vm, image_fix
     write_spec(vm)
     vm.run("up", "-f", vm.specs, "--wait", check=True, timeout=300)
     # Re-point busybox:latest at other content, as a `pull` of a moved tag would.
-    layout = image_fixtures["agent"] / "agent-oci"
-    tar = subprocess.run(["tar", "-C", str(layout), "-cf", "-", "."], check=True,
-                         capture_output=True).stdout
-    r = subprocess.run([vm.binary, "image", "import", "busybox:latest"], input=tar,
-                       capture_output=True, env=vm.env, timeout=300)
-    assert r.returncode == 0, r.stderr
+    vm.import_layout(image_fixtures["agent"] / "agent-oci", "busybox:latest")
     r = vm.run("plan", "-f", vm.specs, "--detailed-exitcode")
     assert r.returncode == 2, r.stdout + r.stderr
     assert r.stdout.count("image digest changed: sha256:") == 2, r.stdout

@@ -49,12 +49,7 @@ class Env(VmEnv):
 def env(tmp_path_factory, kernel, image_fixtures):
     base = tmp_path_factory.mktemp("vfs")
     e = Env(base, kernel)
-    layout = image_fixtures["agent"] / "agent-oci"
-    tar = subprocess.run(["tar", "-C", str(layout), "-cf", "-", "."], check=True,
-                         capture_output=True).stdout
-    r = subprocess.run([e.binary, "image", "import", "agent:latest"], input=tar,
-                       capture_output=True, env=e.env, timeout=300)
-    assert r.returncode == 0, r.stderr
+    e.import_layout(image_fixtures["agent"] / "agent-oci", "agent:latest")
     e.base = base
     yield e
     e.run("kill", "--all", timeout=120)

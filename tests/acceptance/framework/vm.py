@@ -33,6 +33,14 @@ class VmEnv:
                                capture_output=True, text=True, env=self.env, timeout=300)
         assert r.returncode == 0, r.stderr
 
+    def import_layout(self, layout, name):
+        """Imports an OCI image layout directory (a test fixture) as `name`."""
+        tar = subprocess.run(["tar", "-C", str(layout), "-cf", "-", "."], check=True,
+                             capture_output=True).stdout
+        r = subprocess.run([self.binary, "image", "import", name], input=tar,
+                           capture_output=True, env=self.env, timeout=300)
+        assert r.returncode == 0, r.stderr
+
     def run(self, *args, timeout=120, input=None, check=False, env=None):
         full = dict(self.env)
         full.update(env or {})

@@ -1,6 +1,8 @@
 // SPDX-License-Identifier: Apache-2.0
 // PortForwarder's listeners (the relay itself is proven against a real VM in
 // tests/acceptance/test_rpc.py): exact addresses, ephemeral ports reported, all-or-nothing.
+#include "runtime/port_forward.h"
+
 #include <netinet/in.h>
 #include <sys/socket.h>
 #include <unistd.h>
@@ -8,7 +10,6 @@
 #include <catch2/catch.hpp>
 
 #include "common/fd.h"
-#include "runtime/port_forward.h"
 
 using namespace matchlock;  // NOLINT(google-build-using-namespace)
 
@@ -47,8 +48,7 @@ TEST_CASE("port forward: ephemeral ports are reported and only the asked address
   CHECK(b[1].remote_port == 9090);
 }
 
-TEST_CASE("port forward: a taken port fails the whole set and names the port",
-          "[runtime][ports]") {
+TEST_CASE("port forward: a taken port fails the whole set and names the port", "[runtime][ports]") {
   auto loop = ev::Loop::create();
   REQUIRE(loop);
   uint16_t busy = 0;
