@@ -80,6 +80,7 @@ nlohmann::json toJson(const Config& c) {
                                       : nlohmann::json()},
       {"network", net::toJson(c.network)},
       {"vfs", vfs::toJson(c.vfs)},
+      {"ports", ports::toJson(c.ports)},
       {"add_hosts", c.add_hosts},
       {"boot_config_path", c.boot_config_path},
       {"owner", c.owner ? nlohmann::json{{"pid", c.owner->pid}, {"start_time", c.owner->start_time}}
@@ -127,6 +128,9 @@ Result<Config> configFromJson(const nlohmann::json& j) {
     }
     if (auto v = j.find("vfs"); v != j.end() && v->is_object()) {
       ML_ASSIGN_OR_RETURN(c.vfs, vfs::vfsConfigFromJson(*v));
+    }
+    if (auto p = j.find("ports"); p != j.end()) {
+      ML_ASSIGN_OR_RETURN(c.ports, ports::bindingsFromJson(*p));
     }
     c.add_hosts = j.value("add_hosts", std::map<std::string, std::string>{});
     c.boot_config_path = j.value("boot_config_path", std::string());
@@ -337,6 +341,7 @@ class Supervisor {
   void record(state::SandboxStatus status, const std::string& error = "");
   Status startNetwork(sys::SpawnOptions& qemu_opts);
   Status startVfs();
+  Status startPorts();
   void onVfsData(uint32_t stream, std::string_view data);
   void resetVfsStream(uint32_t stream, const Error& error);
   void onQemuExit();
@@ -365,6 +370,7 @@ class Supervisor {
   std::optional<state::Store> store_;
   std::unique_ptr<net::SandboxNetwork> network_;
   std::unique_ptr<vfs::SandboxVfs> vfs_;
+  std::unique_ptr<ports::SandboxPorts> ports_;
   sys::ChildProcess qemu_;
   ev::Watch qemu_watch_;
   sys::ChildProcess main_;  ///< `matchlock __main`, once the guest is ready
@@ -433,6 +439,7 @@ Status Supervisor::start() {
   opts.stdout_path = config_.run_dir + "/qemu.log";
   opts.stderr_path = opts.stdout_path;
   ML_RETURN_IF_ERROR(startVfs());
+  ML_RETURN_IF_ERROR(startPorts());
   ML_RETURN_IF_ERROR(startNetwork(opts));
   (void)::unlink(config_.vm.channel_socket.c_str());
   ML_ASSIGN_OR_RETURN(vm::BackendPtr backend, vm::makeBackend(config_.backend));
@@ -539,6 +546,43 @@ Status Supervisor::startVfs() {
   return ok();
 }
 
+/// The ports layer: the published ports bound now (a taken one fails the start, before the VM
+/// exists), their connections relayed once the guest is ready.
+Status Supervisor::startPorts() {
+  ports::SandboxPorts::Channel channel;
+  channel.open = [this]() -> Result<uint32_t> {
+    if (!mux_ || !ready_ || stopping_) {
+      return makeError(Errc::Unavailable, "the guest is not ready");
+    }
+    return mux_->open(guestproto::kPortService);
+  };
+  channel.send = [this](uint32_t stream, std::string_view bytes) {
+    if (mux_) {
+      (void)mux_->send(stream, bytes);
+    }
+  };
+  channel.consumed = [this](uint32_t stream, size_t n) {
+    if (mux_) {
+      mux_->consumed(stream, n);
+    }
+  };
+  channel.pending = [this](uint32_t stream) { return mux_ ? mux_->pendingBytes(stream) : 0; };
+  channel.close_write = [this](uint32_t stream) {
+    if (mux_) {
+      (void)mux_->closeWrite(stream);
+    }
+  };
+  channel.reset = [this](uint32_t stream, std::string_view why) {
+    if (mux_) {
+      mux_->reset(stream, 8, why);
+    }
+  };
+  channel.flush = [this] { flushChannel(); };
+  ML_ASSIGN_OR_RETURN(ports_, ports::SandboxPorts::create(loop_, config_.sandbox_id, config_.ports,
+                                                          std::move(channel)));
+  return ok();
+}
+
 void Supervisor::onVfsData(uint32_t stream, std::string_view data) {
   // Credit goes back to the guest as requests are processed (SandboxVfs), not on arrival.
   if (Status st = vfs_->onData(stream, data); !st) {
@@ -575,6 +619,10 @@ void Supervisor::tryConnectChannel() {
       onVfsData(stream, data);
       return;
     }
+    if (ports_ && ports_->owns(stream)) {
+      ports_->onData(stream, data);
+      return;
+    }
     if (auto it = ready_streams_.find(stream); it != ready_streams_.end()) {
       it->second.append(data);
       mux_->consumed(stream, data.size());
@@ -590,6 +638,10 @@ void Supervisor::tryConnectChannel() {
     if (vfs_ && vfs_->owns(stream)) {
       (void)mux_->closeWrite(stream);
       vfs_->onClosed(stream);
+      return;
+    }
+    if (ports_ && ports_->owns(stream)) {
+      ports_->onClose(stream);
       return;
     }
     if (auto it = ready_streams_.find(stream); it != ready_streams_.end()) {
@@ -608,6 +660,10 @@ void Supervisor::tryConnectChannel() {
   cb.on_reset = [this](uint32_t stream, uint32_t, std::string_view message) {
     if (vfs_ && vfs_->owns(stream)) {
       vfs_->onClosed(stream);
+      return;
+    }
+    if (ports_ && ports_->owns(stream)) {
+      ports_->onReset(stream, message);
       return;
     }
     if (Client* c = clientForStream(stream)) {
@@ -690,6 +746,9 @@ void Supervisor::flushChannel() {
       (void)channel_watch_.setEvents(ev::kRead | (channel_out_.empty() ? 0 : ev::kWrite));
     }
   }
+  if (ports_) {
+    ports_->onDrained();
+  }
   // Output credit may have arrived: clients paused on a full guest window can go on.
   for (auto& c : clients_) {
     if (c->stream != 0 && mux_->pendingBytes(c->stream) < kReadChunk) {
@@ -729,6 +788,9 @@ void Supervisor::onReady(std::string_view status_json) {
     if (c->have_request && c->port != 0 && c->stream == 0 && !c->closing) {
       startRelay(c.get());
     }
+  }
+  if (ports_) {
+    ports_->ready();
   }
   flushChannel();
   startMainProcess();
@@ -867,8 +929,11 @@ void Supervisor::handleRequest(Client* c, const nlohmann::json& req) {
   if (vfs_) {
     layer_reply = vfs_->handleControl(req);
   }
+  if (!layer_reply && ports_) {
+    layer_reply = ports_->handleControl(req);
+  }
   if (layer_reply) {
-    // served by the VFS layer
+    // served by the VFS or the ports layer
   } else if (network_) {
     layer_reply = network_->handleControl(req);
   } else if (op == "allow_list" || op == "network_update") {
@@ -882,13 +947,15 @@ void Supervisor::handleRequest(Client* c, const nlohmann::json& req) {
     return;
   }
   if (op == "status") {
-    nlohmann::json s = {{"ok", true},
-                        {"sandbox", config_.sandbox_id},
-                        {"state", ready_ ? "running" : (stopping_ ? "stopping" : "booting")},
-                        {"vm_pid", qemu_.pid()},
-                        {"network", network_ != nullptr},
-                        {"vfs", vfs_ != nullptr},
-                        {"accel", std::string(vm::toString(config_.vm.accel))}};
+    nlohmann::json s = {
+        {"ok", true},
+        {"sandbox", config_.sandbox_id},
+        {"state", ready_ ? "running" : (stopping_ ? "stopping" : "booting")},
+        {"vm_pid", qemu_.pid()},
+        {"network", network_ != nullptr},
+        {"vfs", vfs_ != nullptr},
+        {"ports", ports::toJson(ports_ ? ports_->bindings() : std::vector<ports::Binding>{})},
+        {"accel", std::string(vm::toString(config_.vm.accel))}};
     c->out += s.dump() + "\n";
     c->closing = true;
     pumpClient(c);
@@ -1065,6 +1132,7 @@ void Supervisor::finish(Status status) {
                                  std::nullopt);
   }
   listener_watch_.reset();
+  ports_.reset();    // listeners and forwarded connections closed
   network_.reset();  // the proxy thread stops; the namespace, TAP and table go
   vfs_.reset();      // open host files closed, overlay mounts gone with their last fd
   (void)::unlink(controlSocketPath(config_.run_dir).c_str());

@@ -11,6 +11,7 @@
 
 #include "common/result.h"
 #include "net/sandbox_network.h"
+#include "ports/sandbox_ports.h"
 #include "sys/process_ref.h"
 #include "vfs/sandbox_vfs.h"
 #include "vm/backend.h"
@@ -50,6 +51,9 @@ struct Config {
   net::NetworkConfig network;
   /// Host-served filesystems (no mounts = no VFS layer).
   vfs::VfsConfig vfs;
+  /// Published ports, bound before the VM starts (a taken port fails the start); changed live
+  /// through the `ports` control verb.
+  std::vector<ports::Binding> ports;
   /// Guest /etc/hosts additions (host name -> IP).
   std::map<std::string, std::string> add_hosts;
   /// Where the boot config disk (JSON the guest reads at boot: env, CA, hosts) is written.
