@@ -187,6 +187,8 @@ std::map<std::string, std::vector<std::string>> diffSpecs(const SandboxSpec& a,
   }
   change<int>(net, "mtu", a.network.mtu, b.network.mtu,
               [](const int& v) { return std::to_string(v); });
+  change<bool>(net, "intercept", a.network.intercept, b.network.intercept, boolean);
+  change<std::string>(net, "upstream_ca", a.network.upstream_ca, b.network.upstream_ca, str);
 
   auto& egress = out["egress"];
   if (a.network.allow_hosts != b.network.allow_hosts) {
@@ -194,7 +196,6 @@ std::map<std::string, std::vector<std::string>> diffSpecs(const SandboxSpec& a,
   }
   change<bool>(egress, "block_private_ips", a.network.block_private_ips,
                b.network.block_private_ips, boolean);
-  change<bool>(egress, "intercept", a.network.intercept, b.network.intercept, boolean);
 
   if (a.secrets != b.secrets) {
     std::map<std::string, spec::SecretRef> before;

@@ -281,12 +281,13 @@ const std::vector<FieldGroup>& fieldGroups() {
 std::map<std::string, std::string> groupHashes(const SandboxSpec& s) {
   OJson net = networkJson(s.network);
   OJson egress{{"allow_hosts", net["allow_hosts"]},
-               {"block_private_ips", net["block_private_ips"]},
-               {"intercept", net["intercept"]}};
+               {"block_private_ips", net["block_private_ips"]}};
+  // intercept decides at boot whether the guest trusts the sandbox CA: it recreates.
   OJson net_config{{"no_network", net["no_network"]},
                    {"dns_servers", net["dns_servers"]},
                    {"add_hosts", net["add_hosts"]},
-                   {"mtu", net["mtu"]}};
+                   {"mtu", net["mtu"]},
+                   {"intercept", net["intercept"]}};
   if (!s.network.upstream_ca.empty()) {
     net_config["upstream_ca"] = s.network.upstream_ca;
   }

@@ -28,8 +28,10 @@ struct FieldGroup {
   const char* name;
   ChangeClass change;
 };
-/// image, resources, env, process, mounts, network_config → recreate; egress, secrets, ports →
-/// live; meta (labels, depends_on, restart, healthcheck) → ignored by the VM (reconciler only).
+/// image, resources, env, process, mounts, network_config, secret_names → recreate; egress,
+/// secrets, ports → live; meta (labels, depends_on, restart, healthcheck) → ignored by the VM
+/// (reconciler only). docs/reconcile.md's field table says the same per field, and
+/// tests/unit/runtime/field_table_test.cc holds the planner to it.
 const std::vector<FieldGroup>& fieldGroups();
 
 /// SHA-256 of the canonical JSON of each field group. Secret values are not part of any hash
