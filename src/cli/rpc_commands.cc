@@ -30,6 +30,7 @@
 #include "runtime/sandbox.h"
 #include "state/store.h"
 #include "supervisor/supervisor.h"
+#include "sys/socket_util.h"
 
 namespace matchlock::cli {
 namespace {
@@ -156,54 +157,14 @@ Status cpCommand(const std::string& src_arg, const std::string& dst_arg) {
   return ok();
 }
 
-/// `[LOCAL:]REMOTE`, both 1-65535 (upstream's CLI rule).
-Result<std::pair<uint16_t, uint16_t>> parseForward(const std::string& arg) {
-  auto port = [&](std::string_view s) -> Result<uint16_t> {
-    int v = 0;
-    auto [end, ec] = std::from_chars(s.data(), s.data() + s.size(), v);
-    if (ec != std::errc() || end != s.data() + s.size() || v < 1 || v > 65535) {
-      return makeError(Errc::InvalidSpec,
-                       fmt::format("port-forward {}: ports must be 1-65535 ([LOCAL:]REMOTE)", arg));
-    }
-    return static_cast<uint16_t>(v);
-  };
-  size_t colon = arg.find(':');
-  if (colon == std::string::npos) {
-    ML_ASSIGN_OR_RETURN(uint16_t p, port(arg));
-    return std::pair{p, p};
-  }
-  ML_ASSIGN_OR_RETURN(uint16_t local, port(std::string_view(arg).substr(0, colon)));
-  ML_ASSIGN_OR_RETURN(uint16_t remote, port(std::string_view(arg).substr(colon + 1)));
-  return std::pair{local, remote};
-}
-
 /// `port-forward ID [LOCAL:]REMOTE... [--address A]`: host listeners relayed to the guest's
 /// 127.0.0.1:REMOTE until SIGINT or SIGTERM.
 Status portForwardCommand(const std::string& ref, const std::vector<std::string>& specs,
                           const std::vector<std::string>& address_args) {
-  std::vector<std::string> addresses;
-  for (const std::string& a : address_args) {
-    for (const std::string& x : split(a, ',')) {
-      std::string addr(trim(x));
-      if (addr.empty()) {
-        continue;
-      }
-      if (std::find(addresses.begin(), addresses.end(), addr) != addresses.end()) {
-        return makeError(Errc::InvalidSpec,
-                         fmt::format("port-forward: --address {} given twice", addr));
-      }
-      addresses.push_back(addr);
-    }
-  }
-  if (addresses.empty()) {
-    addresses.emplace_back("127.0.0.1");
-  }
+  ML_ASSIGN_OR_RETURN(auto published, parsePublished("port-forward", specs, address_args, false));
   std::vector<runtime::ForwardBinding> bindings;
-  for (const std::string& s : specs) {
-    ML_ASSIGN_OR_RETURN(auto ports, parseForward(s));
-    for (const std::string& addr : addresses) {
-      bindings.push_back({addr, ports.first, ports.second});
-    }
+  for (const auto& p : published) {
+    bindings.push_back({p.address, p.local, p.remote});
   }
   ML_ASSIGN_OR_RETURN(auto control, controlOf(ref));
   const std::string& id = control.first;  // named: clang-14 cannot capture bindings
@@ -275,6 +236,72 @@ void addRpcCommands(CLI::App& app, CommandContext& ctx) {
   pf->callback([pf_id, pf_specs, pf_addresses, &ctx] {
     ctx.finish(portForwardCommand(*pf_id, *pf_specs, *pf_addresses));
   });
+}
+
+Result<std::vector<PublishedPort>> parsePublished(std::string_view flag,
+                                                  const std::vector<std::string>& specs,
+                                                  const std::vector<std::string>& address_args,
+                                                  bool dedupe_addresses) {
+  std::vector<std::string> addresses;
+  for (const std::string& a : address_args) {
+    for (const std::string& x : split(a, ',')) {
+      std::string addr(trim(x));
+      if (addr.empty()) {
+        continue;
+      }
+      auto parsed = sys::SockAddr::parse(addr == "localhost" ? "127.0.0.1" : addr);
+      if (!parsed) {
+        return makeError(
+            Errc::InvalidSpec,
+            fmt::format("{}: --address {}: not an IP address or 'localhost'", flag, addr));
+      }
+      std::string norm = parsed->ip();
+      if (std::find(addresses.begin(), addresses.end(), norm) != addresses.end()) {
+        if (dedupe_addresses) {
+          continue;
+        }
+        return makeError(Errc::InvalidSpec,
+                         fmt::format("{}: --address {} given twice", flag, addr));
+      }
+      addresses.push_back(norm);
+    }
+  }
+  if (addresses.empty()) {
+    addresses.emplace_back("127.0.0.1");
+  }
+  std::vector<PublishedPort> out;
+  for (const std::string& arg : specs) {
+    auto port = [&](std::string_view s) -> Result<uint16_t> {
+      int v = 0;
+      auto [end, ec] = std::from_chars(s.data(), s.data() + s.size(), v);
+      if (ec != std::errc() || end != s.data() + s.size() || v < 1 || v > 65535) {
+        return makeError(Errc::InvalidSpec,
+                         fmt::format("{} {}: ports must be 1-65535 ([LOCAL:]REMOTE)", flag, arg));
+      }
+      return static_cast<uint16_t>(v);
+    };
+    size_t colon = arg.find(':');
+    uint16_t local = 0;
+    uint16_t remote = 0;
+    if (colon == std::string::npos) {
+      ML_ASSIGN_OR_RETURN(local, port(arg));
+      remote = local;
+    } else {
+      ML_ASSIGN_OR_RETURN(local, port(std::string_view(arg).substr(0, colon)));
+      ML_ASSIGN_OR_RETURN(remote, port(std::string_view(arg).substr(colon + 1)));
+    }
+    for (const std::string& addr : addresses) {
+      bool taken = std::any_of(out.begin(), out.end(), [&](const PublishedPort& p) {
+        return p.address == addr && p.local == local;
+      });
+      if (taken) {
+        return makeError(Errc::InvalidSpec,
+                         fmt::format("{}: host port {}:{} is published twice", flag, addr, local));
+      }
+      out.push_back({addr, local, remote});
+    }
+  }
+  return out;
 }
 
 }  // namespace matchlock::cli

@@ -179,9 +179,6 @@ std::map<std::string, reconcile::Desired> desiredOf(const spec::Project& project
 /// it starts instead of silently ignoring them; each sandbox still boots, offline and without them.
 std::vector<std::string> notYetWired(const spec::SandboxSpec& s) {
   std::vector<std::string> out;
-  if (!s.ports.empty()) {
-    out.emplace_back("ports: not forwarded yet");
-  }
   if (s.healthcheck) {
     out.emplace_back("healthcheck: not run yet; readiness is the guest agent answering");
   }
@@ -262,9 +259,7 @@ Result<PassResult> reconcileProject(const spec::Project& project, const UpOption
   po.force_recreate = o.force_recreate;
   po.no_recreate = o.no_recreate;
   po.only = std::set<std::string>(o.only.begin(), o.only.end());
-  // The network layer applies egress and secret changes to a running sandbox; the other
-  // live-class groups (ports) recreate until their layer can, and the plan says so.
-  po.live_supported = {"egress", "secrets"};
+  po.live_supported = runtime::SandboxDriver::liveGroups();
   reconcile::Plan plan = reconcile::plan(project.name, desired, observed, po);
 
   // Sandboxes still backing off after failures sit this pass out.

@@ -76,6 +76,9 @@ struct RunOptions {
   std::vector<std::string> volumes;  ///< HOST:GUEST[:overlay|host_fs|rw|ro|readonly]
   std::string workspace;
   std::vector<std::string> disks;  ///< HOST_PATH:GUEST_MOUNT[:ro] or @VOLUME:GUEST_MOUNT[:ro]
+  // Published ports (docs/ports.md).
+  std::vector<std::string> publish;    ///< [LOCAL:]REMOTE
+  std::vector<std::string> addresses;  ///< bind addresses, comma lists allowed
 };
 
 /// Applies run's --disk flags (reference §1.2.3) after the -v mounts: a disk must not sit inside
@@ -388,6 +391,10 @@ Result<int> runCommand(const RunOptions& o) {
   ML_RETURN_IF_ERROR(applyNetworkFlags(o, sb));
   ML_RETURN_IF_ERROR(applyVolumeFlags(o, sb));
   ML_RETURN_IF_ERROR(applyDiskFlags(o, sb));
+  ML_ASSIGN_OR_RETURN(auto published, parsePublished("--publish", o.publish, o.addresses, true));
+  for (const auto& p : published) {
+    sb.ports.push_back(spec::PortForward{p.local, p.remote, p.address, "tcp"});
+  }
 
   ML_ASSIGN_OR_RETURN(std::string root, runtime::runRoot());
   std::string run_dir = runDirOf(root, id);
@@ -407,10 +414,14 @@ Result<int> runCommand(const RunOptions& o) {
   };
 
   std::string control = supervisor::controlSocketPath(run_dir);
-  if (o.detach || argv.empty()) {
-    // Wait until the guest is ready, so that `run -d` followed by `exec` just works.
+  if (o.detach || argv.empty() || !sb.ports.empty()) {
+    // Wait until the guest is ready, so that `run -d` followed by `exec` just works, and so that
+    // a published port that could not be bound is reported before anything runs.
     if (Status st = runtime::waitReady(store, id, std::chrono::seconds(o.boot_timeout + 5)); !st) {
       return cleanup(std::move(st).error());
+    }
+    for (const auto& p : sb.ports) {
+      fmt::print(stderr, "Forwarding {}:{} -> {}\n", p.address, p.host, p.guest);
     }
     if (o.detach) {
       fmt::print("{}\n", id);
@@ -892,6 +903,10 @@ void addVmCommands(CLI::App& app, CommandContext& ctx) {
       ->allow_extra_args(false);
   r->add_option("--workspace", run->workspace,
                 "Guest directory relative -v targets are joined onto (default /workspace)");
+  r->add_option("-p,--publish", run->publish,
+                "[LOCAL:]REMOTE: forward a host port to the sandbox's 127.0.0.1 (repeatable)");
+  r->add_option("--address", run->addresses,
+                "Bind address of published ports (repeatable, comma lists; default 127.0.0.1)");
   r->add_option("command", run->command, "Command and arguments (after --)");
   r->callback([run, &ctx] { addExitCode(ctx, runCommand(*run)); });
 

@@ -56,7 +56,7 @@ Result<std::unique_ptr<PortForwarder>> PortForwarder::start(
     if (!fd) {
       return makeError(Errc::Conflict,
                        fmt::format("port forward {}:{} -> guest port {}: {}", b.address,
-                                   b.local_port, b.remote_port, fd.error().message()));
+                                   b.local_port, b.remote_port, fd.error().toString()));
     }
     auto local = sys::localAddress(fd->get());
     auto l = std::make_unique<Listener>();

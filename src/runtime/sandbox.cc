@@ -329,6 +329,7 @@ Result<std::string> launch(state::Store& store, const spec::SandboxSpec& spec,
   cfg.upper_disk_path = upper;
   cfg.keep_upper_disk = !options.data_disk.empty();
   cfg.boot_timeout = options.boot_timeout;
+  cfg.ports = portBindingsOf(spec);
   cfg.add_hosts = spec.network.add_hosts;
   cfg.boot_config_path = run_dir + "/boot-config.json";
   if (subnet) {
@@ -655,6 +656,15 @@ void killProcesses(state::Store& store, const state::SandboxRecord& r) {
   }
 }
 
+std::vector<ports::Binding> portBindingsOf(const spec::SandboxSpec& spec) {
+  std::vector<ports::Binding> out;
+  for (const auto& p : spec.ports) {
+    out.push_back(
+        ports::Binding{p.address, static_cast<uint16_t>(p.host), static_cast<uint16_t>(p.guest)});
+  }
+  return out;
+}
+
 Status updateLive(state::Store& store, const state::SandboxRecord& record,
                   const spec::SandboxSpec& spec, const std::vector<std::string>& groups,
                   const std::map<std::string, std::string>& secret_values,
@@ -665,6 +675,29 @@ Status updateLive(state::Store& store, const state::SandboxRecord& record,
       !spec.network.no_network && std::ranges::any_of(groups, [](const std::string& g) {
         return g == "egress" || g == "secrets";
       });
+  ML_ASSIGN_OR_RETURN(std::string root, runRoot());
+  const std::string control = supervisor::controlSocketPath(runDirOf(root, record.id));
+  auto request = [&](const nlohmann::json& req, std::string_view what) -> Result<nlohmann::json> {
+    ML_ASSIGN_OR_RETURN(std::string line, controlRequestLine(control, req.dump(), 5000));
+    auto reply = nlohmann::json::parse(line, nullptr, false);
+    if (!reply.is_object() || !reply.value("ok", false)) {
+      return makeError(
+          Errc::Unavailable,
+          fmt::format("sandbox {}: live {} update refused: {}", record.name, what,
+                      reply.is_object() ? reply.value("error", "no reason given") : line));
+    }
+    return reply;
+  };
+  // Ports first: binding a new listener is what most often fails (a taken port), and a refused
+  // set changes nothing. When the egress update after it fails, the old forwards come back.
+  std::optional<nlohmann::json> ports_before;
+  if (std::ranges::find(groups, "ports") != groups.end()) {
+    ML_ASSIGN_OR_RETURN(auto listed, request({{"op", "ports"}, {"action", "list"}}, "ports"));
+    ports_before = listed.value("ports", nlohmann::json::array());
+    ML_RETURN_IF_ERROR(request(
+        {{"op", "ports"}, {"action", "set"}, {"ports", ports::toJson(portBindingsOf(spec))}},
+        "ports"));
+  }
   if (egress) {
     nlohmann::json secrets = nlohmann::json::array();
     for (const auto& sec : spec.secrets) {
@@ -679,16 +712,11 @@ Status updateLive(state::Store& store, const state::SandboxRecord& record,
                           {"allow_hosts", spec.network.allow_hosts},
                           {"block_private_ips", spec.network.block_private_ips},
                           {"secrets", std::move(secrets)}};
-    ML_ASSIGN_OR_RETURN(std::string root, runRoot());
-    ML_ASSIGN_OR_RETURN(std::string line,
-                        controlRequestLine(supervisor::controlSocketPath(runDirOf(root, record.id)),
-                                           req.dump(), 5000));
-    auto reply = nlohmann::json::parse(line, nullptr, false);
-    if (!reply.is_object() || !reply.value("ok", false)) {
-      return makeError(
-          Errc::Unavailable,
-          fmt::format("sandbox {}: live egress update refused: {}", record.name,
-                      reply.is_object() ? reply.value("error", "no reason given") : line));
+    if (auto done = request(req, "egress"); !done) {
+      if (ports_before) {
+        (void)request({{"op", "ports"}, {"action", "set"}, {"ports", *ports_before}}, "ports");
+      }
+      return makeError(std::move(done).error());
     }
     faultPoint("update:sent");
   }

@@ -8,6 +8,7 @@
 
 #include "common/result.h"
 #include "image/image.h"
+#include "ports/sandbox_ports.h"
 #include "spec/model.h"
 #include "state/store.h"
 #include "supervisor/supervisor.h"
@@ -96,7 +97,11 @@ struct LaunchOptions {
                                          const BootAssets& assets, const LaunchOptions& options,
                                          const std::optional<std::string>& existing_id = {});
 
-/// Applies a live change (`up`'s `~ update`) to a running sandbox without restarting it: for the
+/// The spec's published ports as the supervisor's ports layer takes them.
+std::vector<ports::Binding> portBindingsOf(const spec::SandboxSpec& spec);
+
+/// Applies a live change (`up`'s `~ update`) to a running sandbox without restarting it: `ports`
+/// replaces the published ports (all or nothing, put back if a later group fails); for the
 /// `egress` and `secrets` groups its supervisor swaps the allow-list, private-range blocking and
 /// the secrets' hosts and values (`secret_values`, sent over the control socket only); `meta` is
 /// only recorded. Then the record takes `spec` as its applied spec (next generation, same

@@ -381,6 +381,7 @@ UP_SPEC = """
 name = "{project}"
 [sandboxes.web]
 image = "agent:latest"
+ports = [{ports}]
 [sandboxes.web.network]
 allow_hosts = {allow}
 block_private_ips = {block}
@@ -403,11 +404,13 @@ class Project:
         self.name = name
         self.spec = tmp_path / "sandbox.toml"
 
-    def write(self, allow=("allowed.test",), block=True, key="sk-first-1a2b", extra=""):
+    def write(self, allow=("allowed.test",), block=True, key="sk-first-1a2b", extra="",
+              ports=()):
         (self.dir / "key.txt").write_text(key + "\n")
         self.spec.write_text(UP_SPEC.format(
             project=self.name, allow=json.dumps(list(allow)), block=str(block).lower(),
-            dns=DNS_IP, ca=self.sb.internet.test_ca, extra=extra))
+            dns=DNS_IP, ca=self.sb.internet.test_ca, extra=extra,
+            ports=", ".join(f"{{ host = {h}, guest = {g} }}" for h, g in ports)))
 
     def up(self, *args, env=None, check=True):
         p = self.sb.ml("up", "-f", self.spec, *args, env=env, timeout=300)
@@ -437,28 +440,53 @@ def secret_seen(sb, path):
         "headers"]["Authorization"]
 
 
-def test_up_applies_egress_and_secret_changes_live(internet, agent_image, kernel, tmp_path):
-    """`up` changes allow_hosts, block_private_ips and a secret's value in a running sandbox
-    (`~ update`, same supervisor), effective on the next request; a new secret recreates."""
+def host_get(internet, port):
+    """GET / of the guest's web server through a published port, from the router namespace
+    (where the supervisor and its listeners live)."""
+    code = ("import urllib.request,sys;"
+            f"print(urllib.request.urlopen('http://127.0.0.1:{port}/',timeout=10).status)")
+    return subprocess.run(["nsenter", f"--net=/run/netns/{internet.router}", "python3", "-c",
+                           code], capture_output=True, text=True, timeout=60)
+
+
+def test_up_applies_egress_secret_and_port_changes_live(internet, agent_image, kernel, tmp_path):
+    """`up` changes allow_hosts, block_private_ips, a secret's value and the published ports of a
+    running sandbox at once (`~ update`, same supervisor and VMM), effective when `up` returns;
+    a new secret recreates."""
+    from framework.vm import qemu_pids
+    port1 = 21000 + os.getpid() % 1000
+    port2 = port1 + 1000
     proj = Project(internet, agent_image, tmp_path, "live")
-    proj.write()
+    proj.write(ports=[(port1, 8000)])
     proj.up("--wait")
     sb = proj.attach()
     try:
         _, pid, gen = proj.record()
+        vmm = qemu_pids(sb.id)
+        assert len(vmm) == 1, vmm
         assert secret_seen(sb, "rot1") == "Bearer sk-first-1a2b"
         code, body = curl(sb, "https://private.test/")
         assert code in ("000", "403"), (code, body)
+        sb.sh("setsid -f python3 -m http.server 8000 --bind 127.0.0.1 >/dev/null 2>&1 </dev/null")
+        deadline = time.monotonic() + 60
+        while host_get(internet, port1).stdout.strip() != "200":
+            assert time.monotonic() < deadline, host_get(internet, port1).stderr
+            time.sleep(0.5)
 
-        proj.write(allow=("allowed.test", "private.test"), block=False, key="sk-second-3c4d")
+        proj.write(allow=("allowed.test", "private.test"), block=False, key="sk-second-3c4d",
+                   ports=[(port2, 8000)])
         p = proj.up("--wait")
         assert "~ update web" in p.stdout, p.stdout
         for reason in ("allow_hosts: +private.test", "block_private_ips: true → false",
-                       "secret values rotated"):
+                       "secret values rotated", f"+127.0.0.1:{port2}→8000/tcp"):
             assert reason in p.stdout, p.stdout
         assert "sk-" not in p.stdout + p.stderr
         _, pid2, gen2 = proj.record()
         assert pid2 == pid and gen2 == gen + 1
+        assert qemu_pids(sb.id) == vmm
+        # In effect when `up` returned: from the host (the new port, not the old) and the guest.
+        assert host_get(internet, port2).stdout.strip() == "200"
+        assert host_get(internet, port1).returncode != 0
         assert secret_seen(sb, "rot2") == "Bearer sk-second-3c4d"
         code, body = curl(sb, "https://private.test/")
         assert code == "200", (code, body)
@@ -470,13 +498,14 @@ def test_up_applies_egress_and_secret_changes_live(internet, agent_image, kernel
             assert "sk-second" not in log.read_text(errors="replace"), log
 
         # Private ranges blocked again: refused although the name stays allowed.
-        proj.write(allow=("allowed.test", "private.test"), block=True, key="sk-second-3c4d")
+        proj.write(allow=("allowed.test", "private.test"), block=True, key="sk-second-3c4d",
+                   ports=[(port2, 8000)])
         assert "~ update web" in proj.up().stdout
         code, body = curl(sb, "https://private.test/")
         assert code in ("000", "403"), (code, body)
 
         # A new secret needs a placeholder in the guest's env: that recreates.
-        proj.write(key="sk-second-3c4d", extra="""[[sandboxes.web.secrets]]
+        proj.write(key="sk-second-3c4d", ports=[(port2, 8000)], extra="""[[sandboxes.web.secrets]]
 name = "OTHER"
 from_file = "key.txt"
 hosts = ["allowed.test"]
