@@ -169,7 +169,7 @@ Status validateProcessRef(const std::optional<ProcessRef>& ref) {
 constexpr std::string_view kSandboxColumns =
     "id, project, name, source_file, spec_json, spec_hash, group_hashes, secrets_hash, status, "
     "generation, supervisor_pid, supervisor_start_time, last_error, created_at, updated_at, "
-    "image_digest";
+    "image_digest, health, health_detail";
 
 Result<SandboxRecord> readSandbox(const Statement& stmt) {
   SandboxRecord r;
@@ -188,6 +188,8 @@ Result<SandboxRecord> readSandbox(const Statement& stmt) {
   r.created_at = stmt.columnText(13);
   r.updated_at = stmt.columnText(14);
   r.image_digest = stmt.columnOptText(15);
+  r.health = stmt.columnOptText(16);
+  r.health_detail = stmt.columnOptText(17);
   return r;
 }
 
@@ -463,16 +465,17 @@ Result<SandboxRecord> Store::createSandbox(const SandboxRecord& record) {
       ML_RETURN_IF_ERROR(project.bindAll(record.project, now));
       ML_RETURN_IF_ERROR(project.run());
     }
-    ML_ASSIGN_OR_RETURN(Statement stmt,
-                        db_.prepare(fmt::format(
-                            "INSERT INTO sandboxes ({}) VALUES "
-                            "(?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, 1, ?10, ?11, ?12, ?13, ?13, ?14)",
-                            kSandboxColumns)));
-    ML_RETURN_IF_ERROR(
-        stmt.bindAll(record.id, record.project, record.name, record.source_file, record.spec_json,
-                     record.spec_hash, encodeGroupHashes(record.group_hashes), record.secrets_hash,
-                     sandboxStatusName(record.status), pidOf(record.supervisor),
-                     startTimeOf(record.supervisor), record.last_error, now, record.image_digest));
+    ML_ASSIGN_OR_RETURN(
+        Statement stmt,
+        db_.prepare(fmt::format(
+            "INSERT INTO sandboxes ({}) VALUES "
+            "(?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, 1, ?10, ?11, ?12, ?13, ?13, ?14, ?15, ?16)",
+            kSandboxColumns)));
+    ML_RETURN_IF_ERROR(stmt.bindAll(
+        record.id, record.project, record.name, record.source_file, record.spec_json,
+        record.spec_hash, encodeGroupHashes(record.group_hashes), record.secrets_hash,
+        sandboxStatusName(record.status), pidOf(record.supervisor), startTimeOf(record.supervisor),
+        record.last_error, now, record.image_digest, record.health, record.health_detail));
     ML_RETURN_IF_ERROR(stmt.run());
     ML_ASSIGN_OR_RETURN(auto stored, querySandbox(db_, record.id));
     if (!stored.has_value()) {
@@ -555,6 +558,21 @@ Status Store::updateSandboxStatus(std::string_view id, SandboxStatus status,
                         db_.prepare("UPDATE sandboxes SET status = ?2, last_error = ?3, "
                                     "updated_at = ?4 WHERE id = ?1"));
     ML_RETURN_IF_ERROR(stmt.bindAll(id, sandboxStatusName(status), last_error, nowTimestamp()));
+    ML_RETURN_IF_ERROR(stmt.run());
+    if (db_.changes() == 0) {
+      return makeError(Errc::NotFound, fmt::format("sandbox '{}' not found", id));
+    }
+    return ok();
+  });
+}
+
+Status Store::updateSandboxHealth(std::string_view id, std::optional<std::string_view> health,
+                                  std::optional<std::string_view> detail) {
+  return inWriteTransaction([&]() -> Status {
+    ML_ASSIGN_OR_RETURN(Statement stmt,
+                        db_.prepare("UPDATE sandboxes SET health = ?2, health_detail = ?3, "
+                                    "updated_at = ?4 WHERE id = ?1"));
+    ML_RETURN_IF_ERROR(stmt.bindAll(id, health, detail, nowTimestamp()));
     ML_RETURN_IF_ERROR(stmt.run());
     if (db_.changes() == 0) {
       return makeError(Errc::NotFound, fmt::format("sandbox '{}' not found", id));

@@ -70,6 +70,10 @@ struct SandboxRecord {
   std::string updated_at;  ///< set by the store
   /// Manifest digest of the image the sandbox was last booted from (absent: unknown).
   std::optional<std::string> image_digest;
+  /// Healthcheck status from its supervisor: absent without a healthcheck, else "starting",
+  /// "healthy" or "unhealthy" (health_detail says why).
+  std::optional<std::string> health;
+  std::optional<std::string> health_detail;
 };
 
 /// The fields of a new applied spec (updateSandboxSpec).
@@ -189,6 +193,10 @@ class Store {
                                            std::optional<std::string_view> last_error = {});
   /// Records (or with nullopt clears) the supervisor process.
   [[nodiscard]] Status setSupervisor(std::string_view id, std::optional<ProcessRef> supervisor);
+  /// The supervisor's healthcheck status (nullopt: the sandbox has none).
+  [[nodiscard]] Status updateSandboxHealth(std::string_view id,
+                                           std::optional<std::string_view> health,
+                                           std::optional<std::string_view> detail);
   /// Deletes the sandbox with its subnet, VMs and (with DeleteMode::Force) owned resources, in one
   /// transaction. Returns the number of rows deleted; NotFound if absent. Events are kept.
   [[nodiscard]] Result<int64_t> deleteSandbox(std::string_view id,

@@ -81,6 +81,7 @@ nlohmann::json toJson(const Config& c) {
       {"network", net::toJson(c.network)},
       {"vfs", vfs::toJson(c.vfs)},
       {"ports", ports::toJson(c.ports)},
+      {"healthcheck", c.healthcheck ? health::toJson(*c.healthcheck) : nlohmann::json()},
       {"add_hosts", c.add_hosts},
       {"boot_config_path", c.boot_config_path},
       {"owner", c.owner ? nlohmann::json{{"pid", c.owner->pid}, {"start_time", c.owner->start_time}}
@@ -131,6 +132,9 @@ Result<Config> configFromJson(const nlohmann::json& j) {
     }
     if (auto p = j.find("ports"); p != j.end()) {
       ML_ASSIGN_OR_RETURN(c.ports, ports::bindingsFromJson(*p));
+    }
+    if (auto h = j.find("healthcheck"); h != j.end() && h->is_object()) {
+      ML_ASSIGN_OR_RETURN(c.healthcheck, health::checkFromJson(*h));
     }
     c.add_hosts = j.value("add_hosts", std::map<std::string, std::string>{});
     c.boot_config_path = j.value("boot_config_path", std::string());
@@ -342,6 +346,7 @@ class Supervisor {
   Status startNetwork(sys::SpawnOptions& qemu_opts);
   Status startVfs();
   Status startPorts();
+  Status startHealth();
   void onVfsData(uint32_t stream, std::string_view data);
   void resetVfsStream(uint32_t stream, const Error& error);
   void onQemuExit();
@@ -371,6 +376,7 @@ class Supervisor {
   std::unique_ptr<net::SandboxNetwork> network_;
   std::unique_ptr<vfs::SandboxVfs> vfs_;
   std::unique_ptr<ports::SandboxPorts> ports_;
+  std::unique_ptr<health::Checker> health_;
   sys::ChildProcess qemu_;
   ev::Watch qemu_watch_;
   sys::ChildProcess main_;  ///< `matchlock __main`, once the guest is ready
@@ -440,6 +446,7 @@ Status Supervisor::start() {
   opts.stderr_path = opts.stdout_path;
   ML_RETURN_IF_ERROR(startVfs());
   ML_RETURN_IF_ERROR(startPorts());
+  ML_RETURN_IF_ERROR(startHealth());
   ML_RETURN_IF_ERROR(startNetwork(opts));
   (void)::unlink(config_.vm.channel_socket.c_str());
   ML_ASSIGN_OR_RETURN(vm::BackendPtr backend, vm::makeBackend(config_.backend));
@@ -583,6 +590,69 @@ Status Supervisor::startPorts() {
   return ok();
 }
 
+/// The healthcheck: probes through the agent's exec port once the guest is ready; every
+/// transition is recorded (sandboxes.health) and logged as an event.
+Status Supervisor::startHealth() {
+  if (store_) {
+    // A new supervisor starts from scratch: no status of an earlier boot survives.
+    std::optional<std::string_view> initial;
+    if (config_.healthcheck) {
+      initial = "starting";
+    }
+    (void)store_->updateSandboxHealth(config_.sandbox_id, initial, std::nullopt);
+  }
+  health::Checker::Channel channel;
+  channel.open = [this]() -> Result<uint32_t> {
+    if (!mux_ || !ready_ || stopping_) {
+      return makeError(Errc::Unavailable, "the guest is not ready");
+    }
+    return mux_->open(guestproto::kPortExec);
+  };
+  channel.send = [this](uint32_t stream, std::string_view bytes) {
+    if (mux_) {
+      (void)mux_->send(stream, bytes);
+    }
+  };
+  channel.consumed = [this](uint32_t stream, size_t n) {
+    if (mux_) {
+      mux_->consumed(stream, n);
+    }
+  };
+  channel.close_write = [this](uint32_t stream) {
+    if (mux_) {
+      (void)mux_->closeWrite(stream);
+    }
+  };
+  channel.reset = [this](uint32_t stream, std::string_view why) {
+    if (mux_) {
+      mux_->reset(stream, 8, why);
+    }
+  };
+  channel.flush = [this] { flushChannel(); };
+  auto on_change = [this](std::optional<health::State> state, const std::string& detail) {
+    if (!store_) {
+      return;
+    }
+    std::optional<std::string_view> name;
+    std::optional<std::string_view> why;
+    if (state) {
+      name = health::toString(*state);
+    }
+    if (!detail.empty()) {
+      why = detail;
+    }
+    (void)store_->updateSandboxHealth(config_.sandbox_id, name, why);
+    state::Event e;
+    e.sandbox_id = config_.sandbox_id;
+    e.kind = fmt::format("health.{}", name.value_or("none"));
+    e.message = !detail.empty() ? detail : fmt::format("healthcheck: {}", name.value_or("none"));
+    (void)store_->appendEvent(e);
+  };
+  ML_ASSIGN_OR_RETURN(health_, health::Checker::create(loop_, *config_.healthcheck,
+                                                       std::move(channel), std::move(on_change)));
+  return ok();
+}
+
 void Supervisor::onVfsData(uint32_t stream, std::string_view data) {
   // Credit goes back to the guest as requests are processed (SandboxVfs), not on arrival.
   if (Status st = vfs_->onData(stream, data); !st) {
@@ -623,6 +693,10 @@ void Supervisor::tryConnectChannel() {
       ports_->onData(stream, data);
       return;
     }
+    if (health_ && health_->owns(stream)) {
+      health_->onData(stream, data);
+      return;
+    }
     if (auto it = ready_streams_.find(stream); it != ready_streams_.end()) {
       it->second.append(data);
       mux_->consumed(stream, data.size());
@@ -642,6 +716,10 @@ void Supervisor::tryConnectChannel() {
     }
     if (ports_ && ports_->owns(stream)) {
       ports_->onClose(stream);
+      return;
+    }
+    if (health_ && health_->owns(stream)) {
+      health_->onClose(stream);
       return;
     }
     if (auto it = ready_streams_.find(stream); it != ready_streams_.end()) {
@@ -664,6 +742,10 @@ void Supervisor::tryConnectChannel() {
     }
     if (ports_ && ports_->owns(stream)) {
       ports_->onReset(stream, message);
+      return;
+    }
+    if (health_ && health_->owns(stream)) {
+      health_->onReset(stream, message);
       return;
     }
     if (Client* c = clientForStream(stream)) {
@@ -791,6 +873,9 @@ void Supervisor::onReady(std::string_view status_json) {
   }
   if (ports_) {
     ports_->ready();
+  }
+  if (health_) {
+    health_->start();
   }
   flushChannel();
   startMainProcess();
@@ -932,8 +1017,11 @@ void Supervisor::handleRequest(Client* c, const nlohmann::json& req) {
   if (!layer_reply && ports_) {
     layer_reply = ports_->handleControl(req);
   }
+  if (!layer_reply && health_) {
+    layer_reply = health_->handleControl(req);
+  }
   if (layer_reply) {
-    // served by the VFS or the ports layer
+    // served by the VFS, ports or health layer
   } else if (network_) {
     layer_reply = network_->handleControl(req);
   } else if (op == "allow_list" || op == "network_update") {
@@ -955,6 +1043,9 @@ void Supervisor::handleRequest(Client* c, const nlohmann::json& req) {
         {"network", network_ != nullptr},
         {"vfs", vfs_ != nullptr},
         {"ports", ports::toJson(ports_ ? ports_->bindings() : std::vector<ports::Binding>{})},
+        {"health", health_ && health_->enabled()
+                       ? nlohmann::json(std::string(health::toString(health_->state())))
+                       : nlohmann::json()},
         {"accel", std::string(vm::toString(config_.vm.accel))}};
     c->out += s.dump() + "\n";
     c->closing = true;
@@ -1132,6 +1223,7 @@ void Supervisor::finish(Status status) {
                                  std::nullopt);
   }
   listener_watch_.reset();
+  health_.reset();   // no probe outlives the sandbox
   ports_.reset();    // listeners and forwarded connections closed
   network_.reset();  // the proxy thread stops; the namespace, TAP and table go
   vfs_.reset();      // open host files closed, overlay mounts gone with their last fd

@@ -10,6 +10,7 @@
 #include <nlohmann/json.hpp>
 
 #include "common/result.h"
+#include "health/checker.h"
 #include "net/sandbox_network.h"
 #include "ports/sandbox_ports.h"
 #include "sys/process_ref.h"
@@ -54,6 +55,8 @@ struct Config {
   /// Published ports, bound before the VM starts (a taken port fails the start); changed live
   /// through the `ports` control verb.
   std::vector<ports::Binding> ports;
+  /// The spec's healthcheck, run once the guest is ready (docs/health.md).
+  std::optional<health::Check> healthcheck;
   /// Guest /etc/hosts additions (host name -> IP).
   std::map<std::string, std::string> add_hosts;
   /// Where the boot config disk (JSON the guest reads at boot: env, CA, hosts) is written.
