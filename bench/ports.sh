@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # SPDX-License-Identifier: Apache-2.0
 # A published port against a direct connection to the same guest server, side by side (root):
-# one agent-image sandbox with a network, an echo server in the guest on 0.0.0.0:9000, published
-# on 127.0.0.1:PORT. The direct path is a TCP connection from the sandbox's own network namespace
-# to the guest's address over its virtio NIC; the forwarded path goes host listener -> supervisor
-# -> guest channel -> agent -> guest 127.0.0.1:9000. Prints echo throughput (MiB each way, one
+# one agent-image sandbox without a network, an echo server in the guest on 127.0.0.1:9000,
+# published on the host's 127.0.0.1:PORT. The direct path is the same client run inside the guest
+# against 127.0.0.1:9000 (a sealed sandbox has no inbound path to compare with: its namespace
+# sends every guest TCP flow to the proxy); the forwarded path goes host listener -> supervisor ->
+# guest channel -> agent -> guest 127.0.0.1:9000. Prints echo throughput (MiB each way, one
 # connection), connect+1-byte-echo latency, and the ratios. Never a test: numbers move with load.
-# No traffic leaves the machine (loopback and the sandbox's namespace only).
+# No traffic leaves the machine (loopback only).
 #   bench/ports.sh [MIB] [N]   (defaults 64, 200)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,14 +26,13 @@ agent=$(/usr/bin/python3 tests/fixtures/build_images.py agent | tail -1)
 tar -C "$agent/agent-oci" -cf - . | "$ml" image import agent:latest >/dev/null
 
 port=$((30000 + $$ % 10000))
-id=$("$ml" run -d --image agent:latest --memory 512 -p "$port:9000" 2>/dev/null | tail -1)
+id=$("$ml" run -d --no-network --image agent:latest --memory 512 -p "$port:9000" 2>/dev/null | tail -1)
 tools=tests/acceptance/framework/port_tools.py
-serve=$(python3 -c 'import sys; sys.path.insert(0, "tests/acceptance"); from framework.port_tools import SERVE; print(SERVE)')
-"$ml" exec "$id" -- sh -c 'setsid -f python3 -c "$0" 9000 0.0.0.0 >/dev/null 2>&1 </dev/null' "$serve"
+"$ml" cp "$tools" "$id:/tmp/port_tools.py"
+"$ml" exec "$id" -- sh -c 'setsid -f python3 /tmp/port_tools.py serve 9000 >/dev/null 2>&1 </dev/null'
 python3 "$tools" wait "$port" 60
-read -r netns guest_ip < <(python3 -c 'import json,sys; n=json.load(open(sys.argv[1]))["network"]; print(n["names"]["netns"], n["guest_ip"])' "$MATCHLOCK_HOME/run/$id/vm.json")
 
-direct() { ip netns exec "$netns" python3 "$tools" "$@" "$guest_ip"; }
+direct() { "$ml" exec "$id" -- python3 /tmp/port_tools.py "$@"; }
 field() { python3 -c 'import json,sys; print(json.loads(sys.argv[1])[sys.argv[2]])' "$1" "$2"; }
 d_tp=$(direct client 9000 "$mib" 1)
 f_tp=$(python3 "$tools" client "$port" "$mib" 1)

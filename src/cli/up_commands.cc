@@ -76,6 +76,9 @@ struct Backoff {
   int failures = 0;
   Clock::time_point next_try{};
   std::string last_error;
+  /// Backing off after repairing an unhealthy sandbox (not after a failed action): cleared once
+  /// a pass sees it healthy.
+  bool unhealthy = false;
 };
 using BackoffMap = std::map<std::string, Backoff>;
 
@@ -175,16 +178,6 @@ std::map<std::string, reconcile::Desired> desiredOf(const spec::Project& project
   return out;
 }
 
-/// Declared features whose layers are not wired to sandboxes yet. `up` says so for every sandbox
-/// it starts instead of silently ignoring them; each sandbox still boots, offline and without them.
-std::vector<std::string> notYetWired(const spec::SandboxSpec& s) {
-  std::vector<std::string> out;
-  if (s.healthcheck) {
-    out.emplace_back("healthcheck: not run yet; readiness is the guest agent answering");
-  }
-  return out;
-}
-
 std::string fmtSeconds(std::chrono::milliseconds ms) {
   return fmt::format("{:.1f}s", static_cast<double>(ms.count()) / 1000.0);
 }
@@ -262,8 +255,15 @@ Result<PassResult> reconcileProject(const spec::Project& project, const UpOption
   po.live_supported = runtime::SandboxDriver::liveGroups();
   reconcile::Plan plan = reconcile::plan(project.name, desired, observed, po);
 
-  // Sandboxes still backing off after failures sit this pass out.
+  // Sandboxes still backing off after failures sit this pass out; one repaired for being
+  // unhealthy stops backing off once its healthcheck passes.
   if (backoff != nullptr) {
+    for (const auto& [name, obs] : observed) {
+      auto it = backoff->find(name);
+      if (it != backoff->end() && it->second.unhealthy && obs.healthcheck == "healthy") {
+        backoff->erase(it);
+      }
+    }
     auto now = Clock::now();
     std::erase_if(plan.actions, [&](const reconcile::Action& a) {
       auto it = backoff->find(a.sandbox);
@@ -297,25 +297,6 @@ Result<PassResult> reconcileProject(const spec::Project& project, const UpOption
       }
     }
   }
-  nlohmann::ordered_json warnings = nlohmann::ordered_json::object();
-  for (const auto& a : plan.actions) {
-    auto it = desired.find(a.sandbox);
-    if (it == desired.end() || a.kind == reconcile::ActionKind::Noop ||
-        a.kind == reconcile::ActionKind::Remove) {
-      continue;
-    }
-    auto lines = notYetWired(it->second.spec);
-    if (lines.empty()) {
-      continue;
-    }
-    warnings[a.sandbox] = lines;
-    if (human) {
-      for (const auto& w : lines) {
-        fmt::print(stderr, "warning: {}: {}\n", a.sandbox, w);
-      }
-    }
-  }
-  result.json["warnings"] = warnings;
   // Nothing to change returns at once, unless --wait asks to see every sandbox ready (one just
   // launched by an interrupted run may still be booting).
   if (o.dry_run || (!plan.hasChanges() && !o.wait)) {
@@ -361,7 +342,19 @@ Result<PassResult> reconcileProject(const spec::Project& project, const UpOption
       ++result.failed;
     }
     if (backoff != nullptr) {
-      if (out.status) {
+      auto seen = observed.find(out.sandbox);
+      const bool repaired_unhealthy = out.status && seen != observed.end() &&
+                                      seen->second.health == reconcile::Observed::Health::Unhealthy;
+      if (repaired_unhealthy) {
+        // Recreated for failing its healthcheck: a sandbox that keeps failing is repaired with
+        // growing pauses (5 s doubling to 5 min), not in a tight loop.
+        Backoff& b = (*backoff)[out.sandbox];
+        ++b.failures;
+        b.unhealthy = true;
+        auto delay = std::chrono::seconds(std::min(300, 5 << std::min(b.failures - 1, 6)));
+        b.next_try = Clock::now() + delay;
+        b.last_error = seen->second.detail;
+      } else if (out.status) {
         backoff->erase(out.sandbox);
       } else {
         Backoff& b = (*backoff)[out.sandbox];
@@ -490,7 +483,9 @@ void printStatusLines(const std::string& project, const BackoffMap& backoff) {
         fmt::format("{}/{} {} {}", project, r.name, r.id, runtime::toString(obs.health));
     if (auto it = backoff.find(r.name); it != backoff.end()) {
       auto left = std::chrono::duration_cast<std::chrono::seconds>(it->second.next_try - now);
-      line += fmt::format(" (failed {}×, retry in {} s: {})", it->second.failures,
+      line += fmt::format(" ({} {}×, {} in {} s: {})",
+                          it->second.unhealthy ? "repaired unhealthy" : "failed",
+                          it->second.failures, it->second.unhealthy ? "next repair" : "retry",
                           std::max<int64_t>(left.count(), 0), it->second.last_error);
     } else if (!obs.detail.empty()) {
       line += " (" + obs.detail + ")";
@@ -652,28 +647,33 @@ Status psCommand(const PsOptions& o) {
       auto spec = nlohmann::json::parse(r.spec_json, nullptr, false);
       std::string image = spec.is_object() ? spec.value("image", "") : "";
       std::string source = r.source_file.value_or("-");
-      rows.push_back({{"project", r.project},
-                      {"name", r.name},
-                      {"id", r.id},
-                      {"status", runtime::toString(obs.health)},
-                      {"detail", obs.detail},
-                      {"image", image},
-                      {"spec", source},
-                      {"generation", r.generation},
-                      {"pid", r.supervisor ? r.supervisor->pid : 0},
-                      {"created_at", r.created_at}});
-      table.push_back(
-          {r.project, r.name, r.id, std::string(runtime::toString(obs.health)), image, source});
+      rows.push_back(
+          {{"project", r.project},
+           {"name", r.name},
+           {"id", r.id},
+           {"status", runtime::toString(obs.health)},
+           {"health", r.health ? nlohmann::ordered_json(*r.health) : nlohmann::ordered_json()},
+           {"detail", obs.detail},
+           {"image", image},
+           {"spec", source},
+           {"generation", r.generation},
+           {"pid", r.supervisor ? r.supervisor->pid : 0},
+           {"created_at", r.created_at}});
+      std::string status(runtime::toString(obs.health));
+      if (r.health && obs.health == runtime::Health::Running) {
+        status += fmt::format(" ({})", *r.health);  // as docker ps: "running (healthy)"
+      }
+      table.push_back({r.project, r.name, r.id, status, image, source});
     }
   }
   if (o.output == "json") {
     fmt::print("{}\n", rows.dump(2));
     return ok();
   }
-  fmt::print("{:<12} {:<14} {:<12} {:<11} {:<22} {}\n", "PROJECT", "NAME", "ID", "STATUS", "IMAGE",
+  fmt::print("{:<12} {:<14} {:<12} {:<20} {:<22} {}\n", "PROJECT", "NAME", "ID", "STATUS", "IMAGE",
              "SPEC");
   for (const auto& t : table) {
-    fmt::print("{:<12} {:<14} {:<12} {:<11} {:<22} {}\n", t[0], t[1], t[2], t[3], t[4], t[5]);
+    fmt::print("{:<12} {:<14} {:<12} {:<20} {:<22} {}\n", t[0], t[1], t[2], t[3], t[4], t[5]);
   }
   return ok();
 }

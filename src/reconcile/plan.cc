@@ -94,6 +94,8 @@ const char* healthReason(Observed::Health h) {
       return "last apply failed";
     case Observed::Health::Pending:
       return "an earlier apply was interrupted";
+    case Observed::Health::Unhealthy:
+      return "unhealthy (healthcheck failing)";
     case Observed::Health::Running:
     case Observed::Health::Stopped:
       break;
@@ -240,7 +242,9 @@ std::map<std::string, std::vector<std::string>> diffSpecs(const SandboxSpec& a,
         fmt::format("restart: {} → {}", spec::toString(a.restart), spec::toString(b.restart)));
   }
   if (a.healthcheck != b.healthcheck) {
-    meta.emplace_back("healthcheck changed");
+    out["healthcheck"].emplace_back(!a.healthcheck   ? "healthcheck: added"
+                                    : !b.healthcheck ? "healthcheck: removed"
+                                                     : "healthcheck changed");
   }
 
   for (auto it = out.begin(); it != out.end();) {

@@ -63,19 +63,22 @@ struct Desired {
 /// What the state store and live probes say about a sandbox.
 struct Observed {
   enum class Health {
-    Running,  ///< supervisor and VMM alive
-    Stopped,  ///< cleanly stopped
-    Crashed,  ///< the supervisor (recorded pid + start time) is gone
-    VmmDied,  ///< the supervisor is alive but its VMM is not
-    Leaked,   ///< the record is fine but owned resources (TAP, disk, ...) vanished
-    Failed,   ///< the last apply failed
-    Pending,  ///< an apply was interrupted (intent recorded, never completed)
+    Running,    ///< supervisor and VMM alive
+    Stopped,    ///< cleanly stopped
+    Crashed,    ///< the supervisor (recorded pid + start time) is gone
+    VmmDied,    ///< the supervisor is alive but its VMM is not
+    Leaked,     ///< the record is fine but owned resources (TAP, disk, ...) vanished
+    Failed,     ///< the last apply failed
+    Pending,    ///< an apply was interrupted (intent recorded, never completed)
+    Unhealthy,  ///< running, but its healthcheck failed `retries` times in a row
   };
   Health health = Health::Running;
   /// The spec last applied (decoded from the state store's normalized JSON).
   spec::SandboxSpec applied;
   std::string secrets_hash;
   std::string image_digest;  ///< digest last booted (empty: unknown)
+  /// The healthcheck's last state ("starting", "healthy", "unhealthy"; empty: no healthcheck).
+  std::string healthcheck;
   /// Why the health is what it is, when it is not Running or Stopped (shown as the reason).
   std::string detail;
 };

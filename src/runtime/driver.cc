@@ -3,12 +3,16 @@
 
 #include <fmt/format.h>
 
+#include <chrono>
+#include <thread>
+
 #include <nlohmann/json.hpp>
 
 #include "common/fault.h"
 #include "common/log.h"
 #include "image/store.h"
 #include "spec/decode.h"
+#include "sys/process_ref.h"
 
 namespace matchlock::runtime {
 namespace {
@@ -31,6 +35,8 @@ reconcile::Observed::Health toPlannerHealth(Health h) {
       return P::Failed;
     case Health::Pending:
       return P::Pending;
+    case Health::Unhealthy:
+      return P::Unhealthy;
   }
   return P::Pending;
 }
@@ -49,6 +55,7 @@ Result<std::map<std::string, reconcile::Observed>> observeProject(
     o.detail = obs.detail;
     o.secrets_hash = r.secrets_hash.value_or("");
     o.image_digest = r.image_digest.value_or("");
+    o.healthcheck = r.health.value_or("");
     auto json = nlohmann::json::parse(r.spec_json, nullptr, false);
     auto applied = spec::decodeNormalized(json, r.name);
     if (applied) {
@@ -193,7 +200,44 @@ Status SandboxDriver::waitReady(const std::string& sandbox) {
   if (!existing) {
     return makeError(Errc::NotFound, fmt::format("sandbox {} has no record", sandbox));
   }
-  return runtime::waitReady(store, existing->id, options_.boot_timeout + std::chrono::seconds(5));
+  ML_RETURN_IF_ERROR(
+      runtime::waitReady(store, existing->id, options_.boot_timeout + std::chrono::seconds(5)));
+  auto applied = spec::decodeNormalized(nlohmann::json::parse(existing->spec_json, nullptr, false),
+                                        existing->name);
+  if (!applied || !applied->healthcheck) {
+    return ok();
+  }
+  // With a healthcheck, ready means healthy (compose's `up --wait`), bounded by the time the
+  // check needs to decide: its start period plus retries+1 full probes, and some slack.
+  const auto& h = *applied->healthcheck;
+  const auto bound = std::chrono::milliseconds(h.start_period_ms) +
+                     (h.retries + 1) * std::chrono::milliseconds(h.interval_ms + h.timeout_ms) +
+                     std::chrono::seconds(10);
+  const auto deadline = std::chrono::steady_clock::now() + bound;
+  for (;;) {
+    ML_ASSIGN_OR_RETURN(auto now, store.getSandbox(existing->id));
+    const std::string state = now.health.value_or("");
+    if (state == "healthy" || state.empty()) {
+      return ok();
+    }
+    if (state == "unhealthy") {
+      return makeError(Errc::Unavailable,
+                       fmt::format("{} is unhealthy: {}", sandbox,
+                                   now.health_detail.value_or("healthcheck failed")));
+    }
+    if (now.status != state::SandboxStatus::Running ||
+        (now.supervisor && !sys::isAlive(*now.supervisor))) {
+      return makeError(Errc::Unavailable,
+                       fmt::format("{} stopped before its healthcheck passed", sandbox));
+    }
+    if (std::chrono::steady_clock::now() > deadline) {
+      return makeError(
+          Errc::Unavailable,
+          fmt::format("{} did not become healthy within {} s", sandbox,
+                      std::chrono::duration_cast<std::chrono::seconds>(bound).count()));
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
 }
 
 }  // namespace matchlock::runtime

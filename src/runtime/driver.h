@@ -37,8 +37,11 @@ class SandboxDriver final : public reconcile::Driver {
  public:
   explicit SandboxDriver(DriverOptions options) : options_(std::move(options)) {}
   /// The live-class field groups this driver applies to a running sandbox (PlanOptions::
-  /// live_supported): egress and secrets by its network layer, ports by its ports layer.
-  static std::set<std::string> liveGroups() { return {"egress", "secrets", "ports"}; }
+  /// live_supported): egress and secrets by its network layer, ports by its ports layer, the
+  /// healthcheck by its health layer.
+  static std::set<std::string> liveGroups() {
+    return {"egress", "secrets", "ports", "healthcheck"};
+  }
   [[nodiscard]] Status apply(const reconcile::Action& action,
                              const reconcile::Desired* desired) override;
   [[nodiscard]] Status waitReady(const std::string& sandbox) override;

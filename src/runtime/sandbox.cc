@@ -19,6 +19,7 @@
 #include "common/log.h"
 #include "common/paths.h"
 #include "common/strings.h"
+#include "health/checker.h"
 #include "image/store.h"
 #include "ml_kernel_key.h"
 #include "net/sandbox_network.h"
@@ -330,6 +331,7 @@ Result<std::string> launch(state::Store& store, const spec::SandboxSpec& spec,
   cfg.keep_upper_disk = !options.data_disk.empty();
   cfg.boot_timeout = options.boot_timeout;
   cfg.ports = portBindingsOf(spec);
+  cfg.healthcheck = healthCheckOf(spec);
   cfg.add_hosts = spec.network.add_hosts;
   cfg.boot_config_path = run_dir + "/boot-config.json";
   if (subnet) {
@@ -565,6 +567,8 @@ std::string_view toString(Health health) {
       return "failed";
     case Health::Pending:
       return "interrupted";
+    case Health::Unhealthy:
+      return "unhealthy";
   }
   return "unknown";
 }
@@ -619,6 +623,9 @@ Observation observe(state::Store& store, const state::SandboxRecord& r,
         }
       }
     }
+    if (r.health && *r.health == "unhealthy") {
+      return {Health::Unhealthy, "unhealthy: " + r.health_detail.value_or("healthcheck failed")};
+    }
     return {Health::Running, ""};
   }
   return {Health::Starting, ""};
@@ -654,6 +661,20 @@ void killProcesses(state::Store& store, const state::SandboxRecord& r) {
     }
     std::this_thread::sleep_for(std::chrono::milliseconds(5));
   }
+}
+
+std::optional<health::Check> healthCheckOf(const spec::SandboxSpec& spec) {
+  if (!spec.healthcheck) {
+    return std::nullopt;
+  }
+  auto argv = health::argvOf(spec.healthcheck->test);
+  if (!argv) {
+    return std::nullopt;  // ["NONE"]
+  }
+  const auto& h = *spec.healthcheck;
+  return health::Check{*argv, std::chrono::milliseconds(h.interval_ms),
+                       std::chrono::milliseconds(h.timeout_ms),
+                       std::chrono::milliseconds(h.start_period_ms), h.retries};
 }
 
 std::vector<ports::Binding> portBindingsOf(const spec::SandboxSpec& spec) {
@@ -719,6 +740,12 @@ Status updateLive(state::Store& store, const state::SandboxRecord& record,
       return makeError(std::move(done).error());
     }
     faultPoint("update:sent");
+  }
+  if (std::ranges::find(groups, "healthcheck") != groups.end()) {
+    auto check = healthCheckOf(spec);
+    ML_RETURN_IF_ERROR(request(
+        {{"op", "healthcheck"}, {"healthcheck", check ? health::toJson(*check) : nlohmann::json()}},
+        "healthcheck"));
   }
   state::SandboxSpecUpdate applied = appliedSpecOf(spec, secrets_hash, record.image_digest);
   if (!applied.source_file) {

@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "common/result.h"
+#include "health/checker.h"
 #include "image/image.h"
 #include "ports/sandbox_ports.h"
 #include "spec/model.h"
@@ -97,11 +98,14 @@ struct LaunchOptions {
                                          const BootAssets& assets, const LaunchOptions& options,
                                          const std::optional<std::string>& existing_id = {});
 
+/// The spec's healthcheck as the supervisor's health layer takes it (nullopt: none, or NONE).
+std::optional<health::Check> healthCheckOf(const spec::SandboxSpec& spec);
 /// The spec's published ports as the supervisor's ports layer takes them.
 std::vector<ports::Binding> portBindingsOf(const spec::SandboxSpec& spec);
 
 /// Applies a live change (`up`'s `~ update`) to a running sandbox without restarting it: `ports`
-/// replaces the published ports (all or nothing, put back if a later group fails); for the
+/// replaces the published ports (all or nothing, put back if the egress update fails),
+/// `healthcheck` the health layer's check (starting over); for the
 /// `egress` and `secrets` groups its supervisor swaps the allow-list, private-range blocking and
 /// the secrets' hosts and values (`secret_values`, sent over the control socket only); `meta` is
 /// only recorded. Then the record takes `spec` as its applied spec (next generation, same
@@ -120,14 +124,15 @@ std::vector<ports::Binding> portBindingsOf(const spec::SandboxSpec& spec);
 /// How a recorded sandbox really is, by observation (processes, run dir, owned resources), not
 /// only by its recorded status. Read-only: never writes the state DB.
 enum class Health {
-  Running,   ///< supervisor and VMM alive, guest ready
-  Starting,  ///< supervisor alive, guest not ready yet
-  Stopped,   ///< cleanly stopped
-  Crashed,   ///< the supervisor is gone although the record says it runs
-  VmmDied,   ///< the VMM died (the supervisor noticed, or is about to)
-  Leaked,    ///< alive, but owned resources (run dir, disk) vanished behind our back
-  Failed,    ///< the last start failed
-  Pending,   ///< a launch or teardown was interrupted (intent recorded, never completed)
+  Running,    ///< supervisor and VMM alive, guest ready
+  Starting,   ///< supervisor alive, guest not ready yet
+  Stopped,    ///< cleanly stopped
+  Crashed,    ///< the supervisor is gone although the record says it runs
+  VmmDied,    ///< the VMM died (the supervisor noticed, or is about to)
+  Leaked,     ///< alive, but owned resources (run dir, disk) vanished behind our back
+  Failed,     ///< the last start failed
+  Pending,    ///< a launch or teardown was interrupted (intent recorded, never completed)
+  Unhealthy,  ///< running, but its healthcheck failed `retries` times in a row
 };
 std::string_view toString(Health health);
 struct Observation {

@@ -273,7 +273,7 @@ const std::vector<FieldGroup>& fieldGroups() {
       {"mounts", ChangeClass::Recreate},       {"network_config", ChangeClass::Recreate},
       {"egress", ChangeClass::Live},           {"secrets", ChangeClass::Live},
       {"secret_names", ChangeClass::Recreate}, {"ports", ChangeClass::Live},
-      {"meta", ChangeClass::Ignored},
+      {"healthcheck", ChangeClass::Live},      {"meta", ChangeClass::Ignored},
   };
   return kGroups;
 }
@@ -293,8 +293,7 @@ std::map<std::string, std::string> groupHashes(const SandboxSpec& s) {
   }
   OJson meta{{"labels", stringMap(s.labels)},
              {"depends_on", s.depends_on},
-             {"restart", toString(s.restart)},
-             {"healthcheck", s.healthcheck ? healthJson(*s.healthcheck) : OJson()}};
+             {"restart", toString(s.restart)}};
   std::map<std::string, OJson> groups = {
       {"image", imageGroup(s)},
       {"resources", resourcesGroup(s)},
@@ -306,6 +305,7 @@ std::map<std::string, std::string> groupHashes(const SandboxSpec& s) {
       {"secrets", listJson(s.secrets, secretJson)},
       {"secret_names", secretNames(s)},
       {"ports", listJson(s.ports, portJson)},
+      {"healthcheck", s.healthcheck ? healthJson(*s.healthcheck) : OJson()},
       {"meta", meta},
   };
   std::map<std::string, std::string> out;

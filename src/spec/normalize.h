@@ -29,7 +29,7 @@ struct FieldGroup {
   ChangeClass change;
 };
 /// image, resources, env, process, mounts, network_config, secret_names → recreate; egress,
-/// secrets, ports → live; meta (labels, depends_on, restart, healthcheck) → ignored by the VM
+/// secrets, ports, healthcheck → live; meta (labels, depends_on, restart) → ignored by the VM
 /// (reconciler only). docs/reconcile.md's field table says the same per field, and
 /// tests/unit/runtime/field_table_test.cc holds the planner to it.
 const std::vector<FieldGroup>& fieldGroups();
