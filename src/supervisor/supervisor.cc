@@ -648,7 +648,7 @@ Status Supervisor::startHealth() {
     e.message = !detail.empty() ? detail : fmt::format("healthcheck: {}", name.value_or("none"));
     (void)store_->appendEvent(e);
   };
-  ML_ASSIGN_OR_RETURN(health_, health::Checker::create(loop_, *config_.healthcheck,
+  ML_ASSIGN_OR_RETURN(health_, health::Checker::create(loop_, config_.healthcheck,
                                                        std::move(channel), std::move(on_change)));
   return ok();
 }
