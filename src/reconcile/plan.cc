@@ -189,7 +189,6 @@ std::map<std::string, std::vector<std::string>> diffSpecs(const SandboxSpec& a,
   }
   change<int>(net, "mtu", a.network.mtu, b.network.mtu,
               [](const int& v) { return std::to_string(v); });
-  change<bool>(net, "intercept", a.network.intercept, b.network.intercept, boolean);
   change<std::string>(net, "upstream_ca", a.network.upstream_ca, b.network.upstream_ca, str);
 
   auto& egress = out["egress"];
@@ -198,6 +197,11 @@ std::map<std::string, std::vector<std::string>> diffSpecs(const SandboxSpec& a,
   }
   change<bool>(egress, "block_private_ips", a.network.block_private_ips,
                b.network.block_private_ips, boolean);
+  change<bool>(egress, "intercept", a.network.intercept, b.network.intercept, boolean);
+  if (a.network.rules != b.network.rules) {
+    egress.push_back(fmt::format("interception.rules changed ({} → {} rules)",
+                                 a.network.rules.size(), b.network.rules.size()));
+  }
 
   if (a.secrets != b.secrets) {
     std::map<std::string, spec::SecretRef> before;

@@ -57,6 +57,63 @@ OJson processGroup(const SandboxSpec& s) {
   return out;
 }
 
+/// A rule in the spec's own keys, only the fields it sets (so that it decodes back as it was).
+OJson httpRuleJson(const HttpRule& r) {
+  OJson out = OJson::object();
+  auto map = [](const std::vector<std::pair<std::string, std::string>>& pairs) {
+    OJson m = OJson::object();
+    for (const auto& [k, v] : pairs) {
+      m[k] = v;
+    }
+    return m;
+  };
+  if (!r.name.empty()) {
+    out["name"] = r.name;
+  }
+  out["phase"] = r.phase == HttpRule::Phase::After ? "after" : "before";
+  out["action"] = r.action == HttpRule::Action::Block    ? "block"
+                  : r.action == HttpRule::Action::Mutate ? "mutate"
+                                                         : "allow";
+  if (!r.hosts.empty()) {
+    out["hosts"] = r.hosts;
+  }
+  if (!r.methods.empty()) {
+    out["methods"] = r.methods;
+  }
+  if (!r.path.empty()) {
+    out["path"] = r.path;
+  }
+  if (!r.set_headers.empty()) {
+    out["set_headers"] = map(r.set_headers);
+  }
+  if (!r.delete_headers.empty()) {
+    out["delete_headers"] = r.delete_headers;
+  }
+  if (!r.set_query.empty()) {
+    out["set_query"] = map(r.set_query);
+  }
+  if (!r.delete_query.empty()) {
+    out["delete_query"] = r.delete_query;
+  }
+  if (!r.rewrite_path.empty()) {
+    out["rewrite_path"] = r.rewrite_path;
+  }
+  if (!r.set_response_headers.empty()) {
+    out["set_response_headers"] = map(r.set_response_headers);
+  }
+  if (!r.delete_response_headers.empty()) {
+    out["delete_response_headers"] = r.delete_response_headers;
+  }
+  if (!r.body_replacements.empty()) {
+    OJson list = OJson::array();
+    for (const auto& [f, rep] : r.body_replacements) {
+      list.push_back(OJson{{"find", f}, {"replace", rep}});
+    }
+    out["body_replacements"] = list;
+  }
+  return out;
+}
+
 OJson networkJson(const NetworkSpec& n) {
   OJson out = OJson::object();
   out["no_network"] = n.no_network;
@@ -68,6 +125,13 @@ OJson networkJson(const NetworkSpec& n) {
   out["intercept"] = n.intercept;
   if (!n.upstream_ca.empty()) {
     out["upstream_ca"] = n.upstream_ca;
+  }
+  if (!n.rules.empty()) {  // only when set: specs without rules keep their hashes
+    OJson rules = OJson::array();
+    for (const auto& r : n.rules) {
+      rules.push_back(httpRuleJson(r));
+    }
+    out["interception"] = OJson{{"rules", std::move(rules)}};
   }
   return out;
 }
@@ -280,14 +344,17 @@ const std::vector<FieldGroup>& fieldGroups() {
 
 std::map<std::string, std::string> groupHashes(const SandboxSpec& s) {
   OJson net = networkJson(s.network);
+  // intercept is live because it changes nothing: every sandbox network goes through the proxy.
   OJson egress{{"allow_hosts", net["allow_hosts"]},
-               {"block_private_ips", net["block_private_ips"]}};
-  // intercept decides at boot whether the guest trusts the sandbox CA: it recreates.
+               {"block_private_ips", net["block_private_ips"]},
+               {"intercept", net["intercept"]}};
+  if (net.contains("interception")) {
+    egress["interception"] = net["interception"];
+  }
   OJson net_config{{"no_network", net["no_network"]},
                    {"dns_servers", net["dns_servers"]},
                    {"add_hosts", net["add_hosts"]},
-                   {"mtu", net["mtu"]},
-                   {"intercept", net["intercept"]}};
+                   {"mtu", net["mtu"]}};
   if (!s.network.upstream_ca.empty()) {
     net_config["upstream_ca"] = s.network.upstream_ca;
   }

@@ -123,6 +123,11 @@ std::map<std::string, Mutation> mutations() {
       {"`network.allow_hosts`",
        spec([](auto& s) { s.network.allow_hosts.emplace_back("b.test"); })},
       {"`network.block_private_ips`", spec([](auto& s) { s.network.block_private_ips = false; })},
+      {"`network.interception.rules`", spec([](auto& s) {
+         spec::HttpRule r;
+         r.set_headers = {{"X-Team", "agents"}};
+         s.network.rules.push_back(r);
+       })},
       {"`secrets[].hosts`", spec([](auto& s) { s.secrets[0].hosts.emplace_back("b.test"); })},
       {"`secrets[].from_env` / `from_file` / `command`", spec([](auto& s) {
          s.secrets[0].kind = spec::SecretRef::Kind::File;
