@@ -342,6 +342,19 @@ std::string serializeRequestHead(const Head& head) {
   return out;
 }
 
+std::string serializeResponseHead(const Head& head) {
+  std::string out =
+      fmt::format("HTTP/1.{} {} {}\r\n", head.minor_version == 0 ? 0 : 1, head.status, head.reason);
+  for (const Header& h : head.headers) {
+    out += h.name;
+    out += ": ";
+    out += h.value;
+    out += "\r\n";
+  }
+  out += "\r\n";
+  return out;
+}
+
 size_t BodyFramer::consume(std::string_view data) {
   if (done_ || failed_) {
     return 0;

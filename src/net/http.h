@@ -67,6 +67,8 @@ ParseResult parseResponseHead(std::string_view buf, Head* out, const Limits& lim
 
 /// Serializes a request head (request line, headers, blank line).
 std::string serializeRequestHead(const Head& head);
+/// Serializes a response head (status line, headers, blank line).
+std::string serializeResponseHead(const Head& head);
 
 /// Tracks where a message body ends in a byte stream without buffering it: bytes are passed
 /// through unchanged and consume() reports how many belong to the body.

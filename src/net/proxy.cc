@@ -16,6 +16,7 @@
 
 #include "common/log.h"
 #include "net/dns.h"
+#include "net/intercept.h"
 
 namespace matchlock::net {
 
@@ -841,6 +842,17 @@ class Proxy::Connection {
         reject(req, 405, "Method Not Allowed", "CONNECT is not supported", true);
         return;
       }
+      // Interception rules first: the secret check below then sees the request as it will be
+      // sent, so no rule can carry a placeholder past it.
+      if (auto rules = proxy_.rules(); rules && !rules->empty()) {
+        std::string rule = rules->before(host_, &head);
+        if (!rule.empty()) {
+          ML_LOG(proxy, info, "request {} {}{} blocked by interception rule {}", head.method, host_,
+                 req.path, rule);
+          reject(req, 403, "Forbidden", "request blocked by policy", true);
+          return;
+        }
+      }
       if (auto secrets = proxy_.secrets()) {
         SubstitutionResult s = secrets->apply(&head, host_);
         if (s.blocked) {
@@ -960,9 +972,12 @@ class Proxy::Connection {
           close("malformed chunked response body");
           return;
         }
-        client_.out.append(resp_buf_, 0, n);
+        deliverBody(std::string_view(resp_buf_).substr(0, n));
         resp_bytes_ += n;
         resp_buf_.erase(0, n);
+        if (closed_ || reject_pending_) {
+          return;
+        }
         if (resp_body_.done()) {
           finishResponse();
         }
@@ -985,7 +1000,10 @@ class Proxy::Connection {
         respondAndClose(req, 502, "Bad Gateway", "malformed response from upstream", false);
         return;
       }
-      client_.out.append(resp_buf_, 0, r.consumed);
+      auto rules = proxy_.rules();
+      if (head.status < 200 || !rules || rules->empty()) {
+        client_.out.append(resp_buf_, 0, r.consumed);
+      }
       resp_buf_.erase(0, r.consumed);
       if (head.status == 101) {
         resp_status_ = 101;
@@ -1012,13 +1030,120 @@ class Proxy::Connection {
       resp_status_ = head.status;
       resp_bytes_ = 0;
       in_resp_body_ = !resp_body_.done();
+      if (rules && !rules->empty()) {
+        const PendingRequest& req = pending_.front();
+        BodyPlan plan = rules->after(host_, req.method, req.path, &head);
+        if (plan.blocked) {
+          ML_LOG(proxy, info, "response to {} {}{} blocked by interception rule {}", req.method,
+                 host_, req.path, plan.blocked_by);
+          PendingRequest blocked = pending_.front();
+          pending_.clear();
+          respondAndClose(blocked, 403, "Forbidden", "response blocked by policy", true);
+          return;
+        }
+        startRewrite(std::move(head), std::move(plan.replacements));
+      }
       if (!in_resp_body_) {
         finishResponse();
       }
     }
   }
 
+  /// The response head after the after-phase rules: sent at once, or (a body to rewrite that is
+  /// not an event stream) held until the body is complete and its new length known.
+  void startRewrite(http::Head head, std::vector<std::pair<std::string, std::string>> repl) {
+    rw_ = Rewrite{};
+    auto encoding = head.find("content-encoding");
+    const bool encoded = encoding && toLowerAscii(*encoding) != "identity";
+    if (repl.empty() || !in_resp_body_ || encoded) {
+      if (!repl.empty() && encoded) {
+        ML_LOG(proxy, info, "{}: body replacements skipped: the body is {}-encoded", host_,
+               *encoding);
+      }
+      client_.out += http::serializeResponseHead(head);
+      return;
+    }
+    rw_.active = true;
+    rw_.chunked = resp_body_.mode() == http::BodyFramer::Mode::Chunked;
+    auto type = head.find("content-type");
+    rw_.sse = type && toLowerAscii(*type).starts_with("text/event-stream");
+    head.remove("content-length");
+    head.remove("transfer-encoding");
+    if (rw_.sse) {
+      // Streamed line by line, re-chunked so that the connection can stay open.
+      rw_.sse_rw.emplace(std::move(repl));
+      head.set("Transfer-Encoding", "chunked");
+      client_.out += http::serializeResponseHead(head);
+    } else {
+      rw_.replacements = std::move(repl);
+      rw_.head = std::move(head);
+    }
+  }
+
+  static std::string toLowerAscii(std::string_view v) {
+    std::string out(v);
+    for (char& c : out) {
+      c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+    }
+    return out;
+  }
+
+  static void appendChunk(std::string& out, std::string_view data) {
+    if (!data.empty()) {
+      out += fmt::format("{:x}\r\n", data.size());
+      out += data;
+      out += "\r\n";
+    }
+  }
+
+  void deliverBody(std::string_view raw) {
+    if (!rw_.active) {
+      client_.out.append(raw);
+      return;
+    }
+    std::string plain;
+    if (rw_.chunked) {
+      size_t used = 0;
+      plain = rw_.decoder.feed(raw, &used);
+      if (rw_.decoder.failed()) {
+        close("malformed chunked response body");
+        return;
+      }
+    } else {
+      plain.assign(raw);
+    }
+    if (rw_.sse) {
+      appendChunk(client_.out, rw_.sse_rw->feed(plain));
+      return;
+    }
+    rw_.body += plain;
+    if (rw_.body.size() > kMaxRewriteBody) {
+      PendingRequest req = pending_.front();
+      pending_.clear();
+      rw_ = Rewrite{};
+      respondAndClose(req, 502, "Bad Gateway", "response too large for its body replacements",
+                      false);
+    }
+  }
+
+  void finishRewrite() {
+    if (!rw_.active) {
+      return;
+    }
+    if (rw_.sse) {
+      appendChunk(client_.out, rw_.sse_rw->finish());
+      client_.out += "0\r\n\r\n";
+    } else {
+      std::string body = replaceAll(std::move(rw_.body), rw_.replacements);
+      rw_.head.set("Content-Length", std::to_string(body.size()));
+      client_.out += http::serializeResponseHead(rw_.head);
+      client_.out += body;
+    }
+    rw_ = Rewrite{};
+  }
+
   void finishResponse() {
+    finishRewrite();
     in_resp_body_ = false;
     if (pending_.empty()) {
       return;
@@ -1143,6 +1268,19 @@ class Proxy::Connection {
   // Responses.
   std::string resp_buf_;
   http::BodyFramer resp_body_;
+  /// A response body being rewritten by after-phase rules.
+  struct Rewrite {
+    bool active = false;
+    bool chunked = false;  ///< upstream sent it chunked: decoded first
+    bool sse = false;
+    ChunkedDecoder decoder;
+    std::optional<SseRewriter> sse_rw;
+    std::vector<std::pair<std::string, std::string>> replacements;
+    http::Head head;
+    std::string body;
+  };
+  static constexpr size_t kMaxRewriteBody = size_t{16} << 20;
+  Rewrite rw_;
   uint64_t resp_bytes_ = 0;
   int resp_status_ = 0;
   uint32_t client_hs_want_ = 0;

@@ -20,6 +20,7 @@
 namespace matchlock::net {
 
 class DnsPins;
+class HttpRules;
 
 struct ProxyOptions {
   /// The sandbox-side address to listen on (never a wildcard address).
@@ -60,6 +61,9 @@ class Proxy {
   /// Replaces the secrets (rotated values, other hosts) from any thread, effective from the next
   /// request. Callers keep the placeholders the guest already holds.
   void setSecrets(std::shared_ptr<const SecretSet> secrets) { secrets_.store(std::move(secrets)); }
+  /// The interception rules (docs/egress.md), replaced the same way; null or empty: none.
+  std::shared_ptr<const HttpRules> rules() const { return rules_.load(); }
+  void setRules(std::shared_ptr<const HttpRules> rules) { rules_.store(std::move(rules)); }
   size_t connectionCount() const { return connections_.size(); }
 
   class Connection;
@@ -75,6 +79,7 @@ class Proxy {
   ProxyOptions options_;
   std::shared_ptr<PolicyStore> policy_;
   std::atomic<std::shared_ptr<const SecretSet>> secrets_;
+  std::atomic<std::shared_ptr<const HttpRules>> rules_;
   std::shared_ptr<CertAuthority> ca_;
   DnsPins* pins_ = nullptr;
   EventSink sink_;

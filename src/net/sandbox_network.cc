@@ -84,7 +84,8 @@ nlohmann::json toJson(const NetworkConfig& c) {
           {"prefix", c.prefix},           {"mtu", c.mtu},
           {"allow_hosts", c.allow_hosts}, {"block_private_ips", c.block_private_ips},
           {"dns_servers", c.dns_servers}, {"upstream_ca_file", c.upstream_ca_file},
-          {"secrets", secrets},           {"events_path", c.events_path}};
+          {"secrets", secrets},           {"events_path", c.events_path},
+          {"rules", toJson(c.rules)}};
 }
 
 Result<NetworkConfig> networkConfigFromJson(const nlohmann::json& j) {
@@ -107,6 +108,9 @@ Result<NetworkConfig> networkConfigFromJson(const nlohmann::json& j) {
                                         s.value("hosts", std::vector<std::string>{})});
     }
     c.events_path = j.value("events_path", "");
+    if (auto r = j.find("rules"); r != j.end()) {
+      ML_ASSIGN_OR_RETURN(c.rules, httpRulesFromJson(*r));
+    }
     return c;
   } catch (const nlohmann::json::exception& e) {
     return makeError(Errc::InvalidSpec, fmt::format("network config: {}", e.what()));
@@ -186,6 +190,7 @@ Status SandboxNetwork::start(const std::map<std::string, std::string>& secret_va
     po.upstream_ca_file = config_.upstream_ca_file;
     ML_ASSIGN_OR_RETURN(
         proxy_, Proxy::create(*loop_, po, policy_, secret_set, ca_, pins_.get(), std::move(sink)));
+    proxy_->setRules(HttpRules::compile(config_.rules));
     SandboxRules rules;
     rules.table = config_.names.table;
     rules.tap = config_.names.tap;
@@ -294,6 +299,7 @@ Status SandboxNetwork::update(const EgressUpdate& update) {
   NetworkConfig next = config_;
   next.allow_hosts = update.allow_hosts;
   next.block_private_ips = update.block_private_ips;
+  next.rules = update.rules;
   next.secrets = update.secrets;
   std::map<std::string, std::string> placeholders = placeholders_;
   ML_ASSIGN_OR_RETURN(Egress egress, compileEgress(next, update.values, placeholders));
@@ -302,6 +308,7 @@ Status SandboxNetwork::update(const EgressUpdate& update) {
   // carries its own hosts).
   proxy_->setSecrets(std::make_shared<const SecretSet>(std::move(egress.secrets)));
   policy_->replace(std::move(egress.policy));
+  proxy_->setRules(HttpRules::compile(next.rules));
   config_ = std::move(next);
   ML_LOG(net, info,
          "network {}: egress updated ({} allow-list entries, private ranges {}, {} "
@@ -349,6 +356,13 @@ std::optional<nlohmann::json> SandboxNetwork::handleControl(const nlohmann::json
         u.secrets.push_back(SecretBinding{name->get<std::string>(), stringList(s, "hosts")});
         u.values[name->get<std::string>()] = value->get<std::string>();
       }
+    }
+    if (auto r = request.find("rules"); r != request.end()) {
+      auto rules = httpRulesFromJson(*r);
+      if (!rules) {
+        return failure(rules.error().message());
+      }
+      u.rules = std::move(*rules);
     }
     if (Status st = update(u); !st) {
       return failure(st.error().message());

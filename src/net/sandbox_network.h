@@ -14,6 +14,7 @@
 #include "common/fd.h"
 #include "common/result.h"
 #include "ev/loop.h"
+#include "net/intercept.h"
 
 namespace matchlock::net {
 
@@ -54,7 +55,8 @@ struct NetworkConfig {
   std::vector<std::string> dns_servers;  ///< the sandbox resolver's upstreams
   std::string upstream_ca_file;          ///< extra CA bundle for upstream TLS ("" = system)
   std::vector<SecretBinding> secrets;
-  std::string events_path;  ///< network events are appended here (JSON lines)
+  std::vector<HttpRule> rules;  ///< interception rules (docs/egress.md)
+  std::string events_path;      ///< network events are appended here (JSON lines)
 };
 nlohmann::json toJson(const NetworkConfig& config);
 Result<NetworkConfig> networkConfigFromJson(const nlohmann::json& j);
@@ -67,6 +69,7 @@ struct EgressUpdate {
   bool block_private_ips = true;
   std::vector<SecretBinding> secrets;
   std::map<std::string, std::string> values;  ///< name -> value; never logged or echoed
+  std::vector<HttpRule> rules;                ///< the whole new set of interception rules
 };
 
 /// One sandbox's network, owned by its supervisor (docs/egress.md "Sandbox plumbing"): a named

@@ -343,6 +343,7 @@ Result<std::string> launch(state::Store& store, const spec::SandboxSpec& spec,
     n.prefix = store.subnetPool().subnetPrefix();
     n.mtu = spec.network.mtu;
     n.allow_hosts = spec.network.allow_hosts;
+    n.rules = spec.network.rules;
     n.block_private_ips = spec.network.block_private_ips;
     n.dns_servers = spec.network.dns_servers;
     n.upstream_ca_file = spec.network.upstream_ca;
@@ -732,7 +733,8 @@ Status updateLive(state::Store& store, const state::SandboxRecord& record,
     nlohmann::json req = {{"op", "network_update"},
                           {"allow_hosts", spec.network.allow_hosts},
                           {"block_private_ips", spec.network.block_private_ips},
-                          {"secrets", std::move(secrets)}};
+                          {"secrets", std::move(secrets)},
+                          {"rules", net::toJson(spec.network.rules)}};
     if (auto done = request(req, "egress"); !done) {
       if (ports_before) {
         (void)request({{"op", "ports"}, {"action", "set"}, {"ports", *ports_before}}, "ports");

@@ -328,6 +328,11 @@ class Decoder {
         errorAtKey(pointerAppend(np, "intercept"),
                    "intercept cannot be combined with network.no_network = true");
       }
+      if (!s.network.rules.empty()) {
+        errorAtKey(pointerAppend(np, "interception"),
+                   "interception rules need the egress proxy and cannot be combined with "
+                   "network.no_network = true");
+      }
       if (!s.secrets.empty()) {
         errorAtKey(at("secrets"),
                    "secrets need the egress proxy and cannot be combined with network.no_network "
@@ -693,7 +698,7 @@ class Decoder {
     }
     checkKeys(v, ptr,
               {"no_network", "allow_hosts", "block_private_ips", "dns_servers", "add_hosts", "mtu",
-               "intercept", "upstream_ca"});
+               "intercept", "upstream_ca", "interception"});
     auto at = [&](std::string_view key) { return pointerAppend(ptr, key); };
     if (Json* f = field(v, ptr, "no_network")) {
       n.no_network = getBool(*f, at("no_network")).value_or(false);
@@ -716,6 +721,9 @@ class Decoder {
     }
     if (Json* f = field(v, ptr, "mtu")) {
       n.mtu = static_cast<int>(getIntegerIn(*f, at("mtu"), 68, 65535).value_or(n.mtu));
+    }
+    if (Json* f = field(v, ptr, "interception")) {
+      httpInterception(*f, at("interception"), n);
     }
     if (Json* f = field(v, ptr, "dns_servers")) {
       n.dns_servers =
@@ -975,6 +983,196 @@ class Decoder {
       }
     }
     return out;
+  }
+
+  /// A table of header name → value (names are HTTP tokens, values have no CR, LF or NUL).
+  std::vector<std::pair<std::string, std::string>> headerMap(Json& v, const std::string& ptr,
+                                                             bool headers) {
+    std::vector<std::pair<std::string, std::string>> out;
+    if (!v.is_object()) {
+      typeError(v, ptr, headers ? "a table of header name to value" : "a table of name to value");
+      return out;
+    }
+    for (auto it = v.begin(); it != v.end(); ++it) {
+      std::string p = pointerAppend(ptr, it.key());
+      auto value = getString(it.value(), p);
+      if (!value) {
+        continue;
+      }
+      const bool token = !it.key().empty() && std::ranges::all_of(it.key(), [](char ch) {
+        auto c = static_cast<unsigned char>(ch);
+        return std::isalnum(c) ||
+               std::string_view("!#$%&'*+-.^_`|~").find(ch) != std::string_view::npos;
+      });
+      if (headers && !token) {
+        errorAtKey(p, fmt::format("'{}' is not a valid header name", it.key()));
+        continue;
+      }
+      if (value->find_first_of(std::string_view("\r\n\0", 3)) != std::string::npos) {
+        error(p, "must not contain CR, LF or NUL");
+        continue;
+      }
+      if (!it.key().empty()) {
+        out.emplace_back(it.key(), *value);
+      }
+    }
+    return out;
+  }
+
+  /// `network.interception = { rules = [...] }` (reference §4.7): HTTP rules of the egress proxy.
+  void httpInterception(Json& v, const std::string& ptr, NetworkSpec& n) {
+    if (!v.is_object()) {
+      typeError(v, ptr, "a table/mapping");
+      return;
+    }
+    checkKeys(v, ptr, {"rules", "callback_socket"});
+    if (field(v, ptr, "callback_socket") != nullptr) {
+      errorAtKey(pointerAppend(ptr, "callback_socket"),
+                 "SDK callback hooks are not supported yet (only declarative rules)");
+    }
+    Json* rules = field(v, ptr, "rules");
+    if (rules == nullptr) {
+      return;
+    }
+    const std::string rp = pointerAppend(ptr, "rules");
+    if (!rules->is_array()) {
+      typeError(*rules, rp, "a list of rules");
+      return;
+    }
+    static constexpr std::array<std::string_view, 3> kAfterOnly = {
+        "set_response_headers", "delete_response_headers", "body_replacements"};
+    static constexpr std::array<std::string_view, 5> kBeforeOnly = {
+        "set_headers", "delete_headers", "set_query", "delete_query", "rewrite_path"};
+    for (size_t i = 0; i < rules->size(); ++i) {
+      const std::string ip = pointerAppend(rp, i);
+      Json& item = (*rules)[i];
+      if (!item.is_object()) {
+        typeError(item, ip, "a table/mapping");
+        continue;
+      }
+      checkKeys(item, ip,
+                {"name", "phase", "hosts", "methods", "path", "action", "callback_id", "timeout_ms",
+                 "set_headers", "delete_headers", "set_query", "delete_query", "rewrite_path",
+                 "set_response_headers", "delete_response_headers", "body_replacements"});
+      auto at = [&](std::string_view key) { return pointerAppend(ip, key); };
+      HttpRule r;
+      for (const char* key : {"callback_id", "timeout_ms"}) {
+        if (field(item, ip, key) != nullptr) {
+          errorAtKey(at(key), "SDK callback hooks are not supported yet (only declarative rules)");
+        }
+      }
+      if (Json* f = field(item, ip, "name")) {
+        r.name = getString(*f, at("name")).value_or("");
+      }
+      if (Json* f = field(item, ip, "phase")) {
+        if (auto ph = getString(*f, at("phase"))) {
+          if (*ph == "before" || *ph == "after") {
+            r.phase = *ph == "after" ? HttpRule::Phase::After : HttpRule::Phase::Before;
+          } else {
+            enumError(at("phase"), *ph, {"before", "after"});
+          }
+        }
+      }
+      using KeySpan = std::span<const std::string_view>;
+      for (auto key :
+           r.phase == HttpRule::Phase::After ? KeySpan(kBeforeOnly) : KeySpan(kAfterOnly)) {
+        if (field(item, ip, key) != nullptr) {
+          errorAtKey(at(key), fmt::format("only for phase = \"{}\"",
+                                          r.phase == HttpRule::Phase::After ? "before" : "after"));
+        }
+      }
+      if (Json* f = field(item, ip, "hosts")) {
+        r.hosts = hostPatterns(*f, at("hosts"));
+      }
+      if (Json* f = field(item, ip, "methods")) {
+        r.methods = stringList(*f, at("methods"), [&](const std::string& m, const std::string& p) {
+          if (m.empty() || !std::ranges::all_of(m, [](char c) {
+                return std::isalpha(static_cast<unsigned char>(c));
+              })) {
+            error(p, fmt::format("'{}' is not an HTTP method", m));
+            return false;
+          }
+          return true;
+        });
+        for (auto& m : r.methods) {
+          for (char& c : m) {
+            c = static_cast<char>(std::toupper(static_cast<unsigned char>(c)));
+          }
+        }
+      }
+      if (Json* f = field(item, ip, "path")) {
+        r.path = getString(*f, at("path")).value_or("");
+        if (!r.path.empty() && !r.path.starts_with("/") && !r.path.starts_with("*")) {
+          error(at("path"), "must be a glob over URL paths (e.g. /v1/*)");
+        }
+      }
+      if (Json* f = field(item, ip, "action")) {
+        if (auto a = getString(*f, at("action"))) {
+          if (*a == "allow" || *a == "block" || *a == "mutate") {
+            r.action = *a == "block"    ? HttpRule::Action::Block
+                       : *a == "mutate" ? HttpRule::Action::Mutate
+                                        : HttpRule::Action::Allow;
+          } else {
+            enumError(at("action"), *a, {"allow", "block", "mutate"});
+          }
+        }
+      }
+      auto names = [&](const char* key, std::vector<std::string>* out) {
+        if (Json* f = field(item, ip, key)) {
+          *out =
+              stringList(*f, at(key), [](const std::string&, const std::string&) { return true; });
+        }
+      };
+      if (Json* f = field(item, ip, "set_headers")) {
+        r.set_headers = headerMap(*f, at("set_headers"), true);
+      }
+      names("delete_headers", &r.delete_headers);
+      if (Json* f = field(item, ip, "set_query")) {
+        r.set_query = headerMap(*f, at("set_query"), false);
+      }
+      names("delete_query", &r.delete_query);
+      if (Json* f = field(item, ip, "rewrite_path")) {
+        r.rewrite_path = getString(*f, at("rewrite_path")).value_or("");
+        if (!r.rewrite_path.starts_with("/") ||
+            r.rewrite_path.find_first_of(" \t\r\n?#") != std::string::npos) {
+          error(at("rewrite_path"), "must be an absolute path without spaces, '?' or '#'");
+        }
+      }
+      if (Json* f = field(item, ip, "set_response_headers")) {
+        r.set_response_headers = headerMap(*f, at("set_response_headers"), true);
+      }
+      names("delete_response_headers", &r.delete_response_headers);
+      if (Json* f = field(item, ip, "body_replacements")) {
+        const std::string bp = at("body_replacements");
+        if (!f->is_array()) {
+          typeError(*f, bp, "a list of { find, replace } tables");
+        } else {
+          for (size_t k = 0; k < f->size(); ++k) {
+            const std::string ep = pointerAppend(bp, k);
+            Json& e = (*f)[k];
+            if (!e.is_object()) {
+              typeError(e, ep, "a { find, replace } table");
+              continue;
+            }
+            checkKeys(e, ep, {"find", "replace"});
+            std::string find;
+            std::string replace;
+            if (Json* x = field(e, ep, "find")) {
+              find = getString(*x, pointerAppend(ep, "find")).value_or("");
+            }
+            if (Json* x = field(e, ep, "replace")) {
+              replace = getString(*x, pointerAppend(ep, "replace")).value_or("");
+            }
+            if (find.empty()) {
+              error(ep, "'find' must be a non-empty string");
+              continue;
+            }
+            r.body_replacements.emplace_back(std::move(find), std::move(replace));
+          }
+        }
+      }
+      n.rules.push_back(std::move(r));
+    }
   }
 
   /// `interception = { emit_events = bool, rules = [{ name, ops, path, action, errno }] }`

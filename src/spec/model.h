@@ -6,6 +6,7 @@
 #include <map>
 #include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace matchlock::spec {
@@ -83,6 +84,31 @@ struct Healthcheck {
   bool operator==(const Healthcheck&) const = default;
 };
 
+/// One HTTP interception rule (docs/egress.md "Interception rules", upstream's
+/// network.interception.rules): which requests it matches and what it does to them. Header names
+/// as written; methods upper case; hosts lower-case patterns.
+struct HttpRule {
+  std::string name;
+  enum class Phase { Before, After };
+  Phase phase = Phase::Before;
+  std::vector<std::string> hosts;    ///< host patterns; empty: every host
+  std::vector<std::string> methods;  ///< empty: every method
+  std::string path;                  ///< glob on the URL path ('*' stops at '/'); empty: all
+  enum class Action { Allow, Block, Mutate };
+  Action action = Action::Allow;
+  // Before phase.
+  std::vector<std::pair<std::string, std::string>> set_headers;
+  std::vector<std::string> delete_headers;
+  std::vector<std::pair<std::string, std::string>> set_query;
+  std::vector<std::string> delete_query;
+  std::string rewrite_path;
+  // After phase.
+  std::vector<std::pair<std::string, std::string>> set_response_headers;
+  std::vector<std::string> delete_response_headers;
+  std::vector<std::pair<std::string, std::string>> body_replacements;  ///< {find, replace}
+  bool operator==(const HttpRule&) const = default;
+};
+
 struct NetworkSpec {
   bool no_network = false;
   std::vector<std::string> allow_hosts;  ///< lower-case patterns
@@ -94,6 +120,8 @@ struct NetworkSpec {
   /// Extra CA bundle (absolute host path) trusted for upstream TLS besides the system store;
   /// verification itself cannot be turned off.
   std::string upstream_ca;
+  /// network.interception.rules, applied by the egress proxy.
+  std::vector<HttpRule> rules;
   bool operator==(const NetworkSpec&) const = default;
 };
 

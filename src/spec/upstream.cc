@@ -54,10 +54,9 @@ Result<Json> toSpecTree(const Json& c) {
     copyIf(*r, "disk_size_mb", s, "disk");
   }
   if (auto n = c.find("network"); n != c.end() && n->is_object()) {
-    if (n->contains("interception") && !(*n)["interception"].is_null()) {
-      return makeError(unsupported("network.interception"));
-    }
     Json net = Json::object();
+    // Same keys as the spec's (reference §4.7); SDK callbacks are refused by the decoder.
+    copyIf(*n, "interception", net, "interception");
     copyIf(*n, "allowed_hosts", net, "allow_hosts");
     copyIf(*n, "block_private_ips", net, "block_private_ips");
     copyIf(*n, "no_network", net, "no_network");

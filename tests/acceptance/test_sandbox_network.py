@@ -604,3 +604,72 @@ def test_sigkill_of_up_and_supervisor_at_each_network_step(internet, agent_image
         proj.sb.ml("down", "-p", "faults", timeout=120)
     assert namespaces() == before
     assert_no_network_leaks(home, before)
+
+
+RULES = """
+[[sandboxes.web.network.interception.rules]]
+name = "tag"
+hosts = ["allowed.test"]
+set_headers = {{ X-Matchlock-Rule = "{tag}" }}
+delete_headers = ["X-Remove-Me"]
+[[sandboxes.web.network.interception.rules]]
+name = "no-admin"
+path = "/admin/*"
+action = "block"
+[[sandboxes.web.network.interception.rules]]
+phase = "after"
+path = "/sse"
+body_replacements = [ {{ find = "event", replace = "EVENT" }} ]
+[[sandboxes.web.network.interception.rules]]
+phase = "after"
+path = "/echo"
+set_response_headers = {{ X-Rewritten = "yes" }}
+body_replacements = [ {{ find = "hello", replace = "HOWDY" }} ]
+"""
+
+
+def test_interception_rules_change_requests_and_responses_live(internet, agent_image, kernel,
+                                                               tmp_path):
+    """Spec network.interception.rules in the real proxy: a header set (and one removed) on the
+    way out is what the test server sees, an SSE stream and a plain body are rewritten on the way
+    back as the guest reads them, a blocked path never reaches the server, and a rule edit
+    applies live (same supervisor)."""
+    proj = Project(internet, agent_image, tmp_path, "rules")
+    proj.write(extra=RULES.format(tag="v1"))
+    proj.up("--wait")
+    sb = proj.attach()
+    try:
+        _, pid, _ = proj.record()
+        code, _ = curl(sb, "https://allowed.test/tagged", "-H", "X-Remove-Me: 1")
+        assert code == "200"
+        seen = [r for r in internet.server_requests() if r["path"] == "/tagged"][-1]["headers"]
+        assert seen.get("X-Matchlock-Rule") == "v1", seen
+        assert "X-Remove-Me" not in seen, seen
+
+        # SSE: each data line rewritten as it streams; framing intact.
+        p = sb.sh("curl -sS -N -m 20 https://allowed.test/sse")
+        assert p.stdout.split("\n\n")[:3] == ["data: EVENT 0", "data: EVENT 1", "data: EVENT 2"], \
+            p.stdout + p.stderr
+        # A plain body: replaced whole, with its length rewritten; a response header added.
+        p = sb.sh("curl -sS -m 10 -D /tmp/h https://allowed.test/echo; cat /tmp/h")
+        assert p.stdout.startswith("HOWDY from 198.51.100.10 /echo\n"), p.stdout + p.stderr
+        assert "x-rewritten: yes" in p.stdout.lower(), p.stdout
+        assert "content-length: 31" in p.stdout.lower(), p.stdout
+        # Blocked before it leaves: 403 locally, the server never sees it, the event says so.
+        before = len(internet.server_requests())
+        code, body = curl(sb, "https://allowed.test/admin/users")
+        assert code == "403" and "request blocked by policy" in body, (code, body)
+        assert not [r for r in internet.server_requests()[before:] if r["path"] == "/admin/users"]
+        n = last_event(sb, "allowed.test")
+        assert n["blocked"] and n["block_reason"] == "request blocked by policy", n
+
+        # A rule edit is live.
+        proj.write(extra=RULES.format(tag="v2"))
+        p = proj.up()
+        assert "~ update web" in p.stdout and "interception.rules changed" in p.stdout, p.stdout
+        assert proj.record()[1] == pid
+        curl(sb, "https://allowed.test/tagged2")
+        seen = [r for r in internet.server_requests() if r["path"] == "/tagged2"][-1]["headers"]
+        assert seen.get("X-Matchlock-Rule") == "v2", seen
+    finally:
+        sb.ml("down", "-p", "rules", timeout=120)

@@ -565,3 +565,69 @@ interception = { rules = [ { ops = ["explode"], errno = "EFAULT", path = "rel/*"
   CHECK(text.find("interception.rules[0].path") != std::string::npos);
   CHECK(text.find("spec.toml:") != std::string::npos);
 }
+
+TEST_CASE("network interception rules decode, round-trip and name their errors") {
+  Decoded good = decodeText(R"(
+[sandboxes.a]
+image = "busybox:latest"
+[sandboxes.a.network]
+allow_hosts = ["api.test"]
+[[sandboxes.a.network.interception.rules]]
+name = "tag"
+hosts = ["API.test"]
+methods = ["get", "POST"]
+path = "/v1/*"
+set_headers = { X-Team = "agents" }
+delete_query = ["debug"]
+[[sandboxes.a.network.interception.rules]]
+phase = "after"
+body_replacements = [ { find = "event", replace = "EVENT" } ]
+[[sandboxes.a.network.interception.rules]]
+action = "block"
+methods = ["DELETE"]
+)",
+                            "toml");
+  INFO(good.firstError());
+  REQUIRE(good.diags.empty());
+  const auto& sb = good.file.sandboxes.at("a");
+  REQUIRE(sb.network.rules.size() == 3);
+  CHECK(sb.network.rules[0].hosts == std::vector<std::string>{"api.test"});
+  CHECK(sb.network.rules[0].methods == std::vector<std::string>{"GET", "POST"});
+  CHECK(sb.network.rules[0].set_headers.at(0).first == "X-Team");
+  CHECK(sb.network.rules[1].phase == HttpRule::Phase::After);
+  CHECK(sb.network.rules[2].action == HttpRule::Action::Block);
+  // The normalized form decodes back to the same rules (the applied spec in the state DB).
+  auto back = decodeNormalized(nlohmann::json::parse(toJson(sb).dump()), "a");
+  REQUIRE(back);
+  CHECK(back->network.rules == sb.network.rules);
+
+  Decoded bad = decodeText(R"(
+[sandboxes.a]
+image = "busybox:latest"
+[sandboxes.a.network]
+interception = { callback_socket = "/tmp/s", rules = [
+  { phase = "later", set_headers = { "Bad Name" = "v" } },
+  { phase = "after", set_headers = { A = "1" }, body_replacements = [ { find = "" } ] },
+  { callback_id = "cb", rewrite_path = "rel" } ] }
+[sandboxes.b]
+image = "busybox:latest"
+network = { no_network = true, interception = { rules = [ { action = "block" } ] } }
+)",
+                           "toml");
+  std::string text;
+  for (const auto& d : bad.diags) {
+    text += d.toString() + "\n";
+  }
+  INFO(text);
+  CHECK(text.find("spec.toml:") != std::string::npos);
+  CHECK(text.find("interception.callback_socket: SDK callback hooks are not supported yet") !=
+        std::string::npos);
+  CHECK(text.find("rules[0].phase: invalid value 'later'") != std::string::npos);
+  CHECK(text.find("'Bad Name' is not a valid header name") != std::string::npos);
+  CHECK(text.find("rules[1].set_headers: only for phase = \"before\"") != std::string::npos);
+  CHECK(text.find("rules[1].body_replacements[0]: 'find' must be a non-empty string") !=
+        std::string::npos);
+  CHECK(text.find("rules[2].callback_id: SDK callback hooks") != std::string::npos);
+  CHECK(text.find("rules[2].rewrite_path: must be an absolute path") != std::string::npos);
+  CHECK(text.find("interception rules need the egress proxy") != std::string::npos);
+}
