@@ -3,6 +3,7 @@
 
 #include <fcntl.h>
 #include <fmt/format.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -82,6 +83,24 @@ bool writeAll(int fd, std::string_view data) {
     }
     data.remove_prefix(static_cast<size_t>(n));
   }
+  return true;
+}
+
+bool sendSome(int fd, std::string& buf) {
+  size_t sent = 0;
+  while (sent < buf.size()) {
+    ssize_t n = ::send(fd, buf.data() + sent, buf.size() - sent, MSG_NOSIGNAL);
+    if (n > 0) {
+      sent += static_cast<size_t>(n);
+      continue;
+    }
+    if (n < 0 && errno == EINTR) {
+      continue;
+    }
+    buf.erase(0, sent);
+    return n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK);
+  }
+  buf.clear();
   return true;
 }
 

@@ -63,6 +63,10 @@ Status readFileChunks(const std::string& path, const std::function<void(std::str
 /// with errno set.
 bool writeAll(int fd, std::string_view data);
 
+/// Non-blocking send of as much of `buf` as the socket takes now (MSG_NOSIGNAL), erasing what was
+/// sent. False on a hard error (the peer is gone); true when all was sent or the socket is full.
+bool sendSome(int fd, std::string& buf);
+
 /// Writes `data` to `path` atomically (temp file in the same directory, fsync, rename).
 Status writeFileAtomic(const std::string& path, std::string_view data, unsigned mode = 0644);
 

@@ -14,6 +14,7 @@
 
 #include "common/result.h"
 #include "ev/loop.h"
+#include "guestproto/channel.h"
 #include "guestproto/exec.h"
 
 namespace matchlock::health {
@@ -46,14 +47,8 @@ std::string_view toString(State state);
 /// the new status and, for unhealthy, why (exit code and the tail of the probe's output).
 class Checker {
  public:
-  struct Channel {
-    std::function<Result<uint32_t>()> open;  ///< a new exec stream
-    std::function<void(uint32_t stream, std::string_view bytes)> send;
-    std::function<void(uint32_t stream, size_t n)> consumed;
-    std::function<void(uint32_t stream)> close_write;
-    std::function<void(uint32_t stream, std::string_view why)> reset;
-    std::function<void()> flush;
-  };
+  /// Streams to the agent's exec port.
+  using Channel = guestproto::StreamChannel;
   /// The new state (nullopt: no healthcheck any more) and, for unhealthy, why.
   using OnChange = std::function<void(std::optional<State> state, const std::string& detail)>;
   /// Output kept per probe (its tail), as Docker keeps the last 4 KiB.

@@ -235,11 +235,14 @@ class Proxy::Connection {
         SSL_use_PrivateKey(ssl, proxy_.ca_->leafKey()) != 1) {
       return SSL_CLIENT_HELLO_ERROR;
     }
-    // HTTP/2 pass-through: only when nothing in the headers may need rewriting (no secrets), as
-    // HPACK-coded headers are relayed untouched. The client's handshake is paused until the
-    // upstream handshake tells us whether upstream speaks h2; the ALPN answer follows upstream.
-    if (auto secrets = proxy_.secrets();
-        denied_reason_.empty() && clientOffersH2(ssl) && (!secrets || secrets->empty())) {
+    // HTTP/2 pass-through: only when nothing in the headers may need rewriting (no secrets, no
+    // interception rules), as HPACK-coded headers are relayed untouched. The client's handshake
+    // is paused until the upstream handshake tells us whether upstream speaks h2; the ALPN
+    // answer follows upstream.
+    auto secrets = proxy_.secrets();
+    auto rules = proxy_.rules();
+    if (denied_reason_.empty() && clientOffersH2(ssl) && (!secrets || secrets->empty()) &&
+        (!rules || rules->empty())) {
       alpn_probe_ = true;
       client_paused_ = true;
       connectUpstream();

@@ -352,18 +352,7 @@ void SandboxPorts::pump(Conn& c) {
     sent = true;
   }
   // Guest -> host.
-  while (!c.to_tcp.empty()) {
-    ssize_t n = ::send(c.tcp.get(), c.to_tcp.data(), c.to_tcp.size(), MSG_NOSIGNAL);
-    if (n > 0) {
-      c.to_tcp.erase(0, static_cast<size_t>(n));
-      continue;
-    }
-    if (n < 0 && errno == EINTR) {
-      continue;
-    }
-    if (n < 0 && errno == EAGAIN) {
-      break;
-    }
+  if (!sendSome(c.tcp.get(), c.to_tcp)) {
     drop(&c);  // the host side is gone
     return;
   }

@@ -16,6 +16,7 @@
 #include "common/fd.h"
 #include "common/result.h"
 #include "ev/loop.h"
+#include "guestproto/channel.h"
 
 namespace matchlock::ports {
 
@@ -42,18 +43,8 @@ Result<std::vector<Binding>> bindingsFromJson(const nlohmann::json& j);
 /// binds every new listener or none, so a failure leaves the forwards as they were).
 class SandboxPorts {
  public:
-  /// The host↔guest channel as the supervisor offers it.
-  struct Channel {
-    /// Opens a guest service stream (fails while the guest is not ready).
-    std::function<Result<uint32_t>()> open;
-    std::function<void(uint32_t stream, std::string_view bytes)> send;
-    std::function<void(uint32_t stream, size_t n)> consumed;
-    std::function<size_t(uint32_t stream)> pending;
-    std::function<void(uint32_t stream)> close_write;
-    std::function<void(uint32_t stream, std::string_view why)> reset;
-    /// Hands what was queued to the guest channel's writer.
-    std::function<void()> flush;
-  };
+  /// The host↔guest channel as the supervisor offers it: streams to the agent's service port.
+  using Channel = guestproto::StreamChannel;
   /// Bytes queued in either direction beyond this stop reading the other side.
   static constexpr size_t kHighWater = 1024 * 1024;
 

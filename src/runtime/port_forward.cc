@@ -156,18 +156,7 @@ void PortForwarder::pump(Conn& c) {
     c.channel->stdinEof();
   }
   // Guest -> host.
-  while (!c.to_tcp.empty()) {
-    ssize_t n = ::send(c.tcp.get(), c.to_tcp.data(), c.to_tcp.size(), MSG_NOSIGNAL);
-    if (n > 0) {
-      c.to_tcp.erase(0, static_cast<size_t>(n));
-      continue;
-    }
-    if (n < 0 && errno == EINTR) {
-      continue;
-    }
-    if (n < 0 && errno == EAGAIN) {
-      break;
-    }
+  if (!sendSome(c.tcp.get(), c.to_tcp)) {
     drop(&c);  // the host side is gone
     return;
   }

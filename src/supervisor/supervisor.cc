@@ -223,23 +223,6 @@ Result<Fd> connectUnix(const std::string& path) {
   return fd;
 }
 
-/// Non-blocking write of as much of `buf` as the fd takes; erases what was written. False on a
-/// hard error (the peer is gone).
-bool writeSome(int fd, std::string& buf) {
-  while (!buf.empty()) {
-    ssize_t n = ::send(fd, buf.data(), buf.size(), MSG_NOSIGNAL);
-    if (n > 0) {
-      buf.erase(0, static_cast<size_t>(n));
-      continue;
-    }
-    if (n < 0 && errno == EINTR) {
-      continue;
-    }
-    return n < 0 && errno == EAGAIN;
-  }
-  return true;
-}
-
 /// Reads the secret values the launcher wrote into `fd` (one JSON object, to EOF, bounded).
 Result<std::map<std::string, std::string>> readSecretValues(int fd) {
   std::map<std::string, std::string> values;
@@ -345,6 +328,7 @@ class Supervisor {
   void record(state::SandboxStatus status, const std::string& error = "");
   Status startNetwork(sys::SpawnOptions& qemu_opts);
   Status startVfs();
+  guestproto::StreamChannel guestChannel(uint32_t port);
   Status startPorts();
   Status startHealth();
   void onVfsData(uint32_t stream, std::string_view data);
@@ -553,15 +537,15 @@ Status Supervisor::startVfs() {
   return ok();
 }
 
-/// The ports layer: the published ports bound now (a taken one fails the start, before the VM
-/// exists), their connections relayed once the guest is ready.
-Status Supervisor::startPorts() {
-  ports::SandboxPorts::Channel channel;
-  channel.open = [this]() -> Result<uint32_t> {
+/// Streams to one of the agent's ports on our mux, for a host-side layer (ports, health): opened
+/// only once the guest is ready and not while stopping.
+guestproto::StreamChannel Supervisor::guestChannel(uint32_t port) {
+  guestproto::StreamChannel channel;
+  channel.open = [this, port]() -> Result<uint32_t> {
     if (!mux_ || !ready_ || stopping_) {
       return makeError(Errc::Unavailable, "the guest is not ready");
     }
-    return mux_->open(guestproto::kPortService);
+    return mux_->open(port);
   };
   channel.send = [this](uint32_t stream, std::string_view bytes) {
     if (mux_) {
@@ -585,8 +569,14 @@ Status Supervisor::startPorts() {
     }
   };
   channel.flush = [this] { flushChannel(); };
+  return channel;
+}
+
+/// The ports layer: the published ports bound now (a taken one fails the start, before the VM
+/// exists), their connections relayed once the guest is ready.
+Status Supervisor::startPorts() {
   ML_ASSIGN_OR_RETURN(ports_, ports::SandboxPorts::create(loop_, config_.sandbox_id, config_.ports,
-                                                          std::move(channel)));
+                                                          guestChannel(guestproto::kPortService)));
   return ok();
 }
 
@@ -601,34 +591,6 @@ Status Supervisor::startHealth() {
     }
     (void)store_->updateSandboxHealth(config_.sandbox_id, initial, std::nullopt);
   }
-  health::Checker::Channel channel;
-  channel.open = [this]() -> Result<uint32_t> {
-    if (!mux_ || !ready_ || stopping_) {
-      return makeError(Errc::Unavailable, "the guest is not ready");
-    }
-    return mux_->open(guestproto::kPortExec);
-  };
-  channel.send = [this](uint32_t stream, std::string_view bytes) {
-    if (mux_) {
-      (void)mux_->send(stream, bytes);
-    }
-  };
-  channel.consumed = [this](uint32_t stream, size_t n) {
-    if (mux_) {
-      mux_->consumed(stream, n);
-    }
-  };
-  channel.close_write = [this](uint32_t stream) {
-    if (mux_) {
-      (void)mux_->closeWrite(stream);
-    }
-  };
-  channel.reset = [this](uint32_t stream, std::string_view why) {
-    if (mux_) {
-      mux_->reset(stream, 8, why);
-    }
-  };
-  channel.flush = [this] { flushChannel(); };
   auto on_change = [this](std::optional<health::State> state, const std::string& detail) {
     if (!store_) {
       return;
@@ -648,8 +610,9 @@ Status Supervisor::startHealth() {
     e.message = !detail.empty() ? detail : fmt::format("healthcheck: {}", name.value_or("none"));
     (void)store_->appendEvent(e);
   };
-  ML_ASSIGN_OR_RETURN(health_, health::Checker::create(loop_, config_.healthcheck,
-                                                       std::move(channel), std::move(on_change)));
+  ML_ASSIGN_OR_RETURN(
+      health_, health::Checker::create(loop_, config_.healthcheck,
+                                       guestChannel(guestproto::kPortExec), std::move(on_change)));
   return ok();
 }
 
@@ -809,7 +772,7 @@ void Supervisor::flushChannel() {
     return;
   }
   channel_out_ += mux_->takeOutput();
-  if (!writeSome(channel_.get(), channel_out_)) {
+  if (!sendSome(channel_.get(), channel_out_)) {
     channel_watch_.reset();
     return;
   }
@@ -821,7 +784,7 @@ void Supervisor::flushChannel() {
     }
     if (mux_->hasOutput()) {
       channel_out_ += mux_->takeOutput();
-      if (!writeSome(channel_.get(), channel_out_)) {
+      if (!sendSome(channel_.get(), channel_out_)) {
         channel_watch_.reset();
         return;
       }
@@ -1110,7 +1073,7 @@ void Supervisor::pumpClient(Client* c) {
     return;
   }
   size_t before = c->out.size();
-  if (!writeSome(c->fd.get(), c->out)) {
+  if (!sendSome(c->fd.get(), c->out)) {
     if (c->stream != 0 && mux_) {
       mux_->reset(c->stream, 8, "client disconnected");
       c->stream = 0;

@@ -387,11 +387,12 @@ allow_hosts = {allow}
 block_private_ips = {block}
 dns_servers = ["{dns}"]
 upstream_ca = "{ca}"
-[[sandboxes.web.secrets]]
+{secret}{extra}"""
+SECRET_BLOCK = """[[sandboxes.web.secrets]]
 name = "API_KEY"
 from_file = "key.txt"
 hosts = ["allowed.test"]
-{extra}"""
+"""
 
 
 class Project:
@@ -405,11 +406,12 @@ class Project:
         self.spec = tmp_path / "sandbox.toml"
 
     def write(self, allow=("allowed.test",), block=True, key="sk-first-1a2b", extra="",
-              ports=()):
+              ports=(), secret=True):
         (self.dir / "key.txt").write_text(key + "\n")
         self.spec.write_text(UP_SPEC.format(
             project=self.name, allow=json.dumps(list(allow)), block=str(block).lower(),
             dns=DNS_IP, ca=self.sb.internet.test_ca, extra=extra,
+            secret=SECRET_BLOCK if secret else "",
             ports=", ".join(f"{{ host = {h}, guest = {g} }}" for h, g in ports)))
 
     def up(self, *args, env=None, check=True):
@@ -635,7 +637,9 @@ def test_interception_rules_change_requests_and_responses_live(internet, agent_i
     back as the guest reads them, a blocked path never reaches the server, and a rule edit
     applies live (same supervisor)."""
     proj = Project(internet, agent_image, tmp_path, "rules")
-    proj.write(extra=RULES.format(tag="v1"))
+    # Rules alone, without a secret, make the proxy look inside HTTP (the test server speaks
+    # HTTP/1.1 only, so the h2 downgrade that rules imply is not exercised here).
+    proj.write(extra=RULES.format(tag="v1"), secret=False)
     proj.up("--wait")
     sb = proj.attach()
     try:
@@ -664,7 +668,7 @@ def test_interception_rules_change_requests_and_responses_live(internet, agent_i
         assert n["blocked"] and n["block_reason"] == "request blocked by policy", n
 
         # A rule edit is live.
-        proj.write(extra=RULES.format(tag="v2"))
+        proj.write(extra=RULES.format(tag="v2"), secret=False)
         p = proj.up()
         assert "~ update web" in p.stdout and "interception.rules changed" in p.stdout, p.stdout
         assert proj.record()[1] == pid

@@ -631,3 +631,21 @@ network = { no_network = true, interception = { rules = [ { action = "block" } ]
   CHECK(text.find("rules[2].rewrite_path: must be an absolute path") != std::string::npos);
   CHECK(text.find("interception rules need the egress proxy") != std::string::npos);
 }
+
+TEST_CASE("upstream create params carry network interception rules; callbacks are refused") {
+  auto ok = decodeUpstreamConfig(nlohmann::json::parse(R"({"image": "x", "network": {
+      "allowed_hosts": ["api.test"],
+      "interception": {"rules": [{"phase": "after", "path": "/sse",
+                                  "body_replacements": [{"find": "a", "replace": "b"}]}]}}})"),
+                                 "vm-1");
+  INFO((ok ? std::string() : ok.error().message()));
+  REQUIRE(ok);
+  REQUIRE(ok->network.rules.size() == 1);
+  CHECK(ok->network.rules[0].phase == HttpRule::Phase::After);
+  auto cb =
+      decodeUpstreamConfig(nlohmann::json::parse(R"({"image": "x", "network": {"interception": {
+          "callback_socket": "/tmp/sdk.sock", "rules": [{"callback_id": "c1"}]}}})"),
+                           "vm-1");
+  REQUIRE_FALSE(cb);
+  CHECK(cb.error().message().find("callback hooks are not supported yet") != std::string::npos);
+}
