@@ -66,7 +66,7 @@ std::string replaceAll(std::string body,
 /// (complete lines); finish() the rest. Bounded: a line longer than kMaxLine passes unchanged.
 class SseRewriter {
  public:
-  static constexpr size_t kMaxLine = 1024 * 1024;
+  static constexpr size_t kMaxLine = size_t{1} << 20;
   explicit SseRewriter(std::vector<std::pair<std::string, std::string>> replacements)
       : replacements_(std::move(replacements)) {}
   std::string feed(std::string_view data);

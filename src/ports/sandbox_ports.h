@@ -46,7 +46,7 @@ class SandboxPorts {
   /// The host↔guest channel as the supervisor offers it: streams to the agent's service port.
   using Channel = guestproto::StreamChannel;
   /// Bytes queued in either direction beyond this stop reading the other side.
-  static constexpr size_t kHighWater = 1024 * 1024;
+  static constexpr size_t kHighWater = size_t{1} << 20;
 
   /// Binds `initial` (all or nothing; a taken port is an error naming it and `sandbox`).
   /// Connections accepted before ready() wait, unread, until the guest is ready.
