@@ -62,18 +62,15 @@ std::string_view toString(State s) {
   return "starting";
 }
 
-Checker::Checker(ev::Loop& loop, std::optional<Check> check, Channel channel, OnChange on_change)
-    : loop_(loop),
-      check_(std::move(check)),
-      channel_(std::move(channel)),
-      on_change_(std::move(on_change)) {}
+Checker::Checker(std::optional<Check> check, Channel channel, OnChange on_change)
+    : check_(std::move(check)), channel_(std::move(channel)), on_change_(std::move(on_change)) {}
 
 Checker::~Checker() = default;
 
 Result<std::unique_ptr<Checker>> Checker::create(ev::Loop& loop, std::optional<Check> check,
                                                  Channel channel, OnChange on_change) {
   std::unique_ptr<Checker> c(
-      new Checker(loop, std::move(check), std::move(channel), std::move(on_change)));
+      new Checker(std::move(check), std::move(channel), std::move(on_change)));
   Checker* raw = c.get();
   ML_ASSIGN_OR_RETURN(c->next_, loop.timer([raw] { raw->probe(); }));
   ML_ASSIGN_OR_RETURN(c->deadline_, loop.timer([raw] {

@@ -85,13 +85,12 @@ class Checker {
   std::optional<nlohmann::json> handleControl(const nlohmann::json& request);
 
  private:
-  Checker(ev::Loop& loop, std::optional<Check> check, Channel channel, OnChange on_change);
+  Checker(std::optional<Check> check, Channel channel, OnChange on_change);
   void cancelProbe();
   void probe();
   void finished(bool ok, std::string why);
   void set(State state, const std::string& detail);
 
-  ev::Loop& loop_;
   std::optional<Check> check_;
   bool started_ = false;
   Channel channel_;
