@@ -202,6 +202,8 @@ std::map<std::string, std::vector<std::string>> diffSpecs(const SandboxSpec& a,
     egress.push_back(fmt::format("interception.rules changed ({} → {} rules)",
                                  a.network.rules.size(), b.network.rules.size()));
   }
+  change<std::string>(egress, "interception.callback_socket", a.network.callback_socket,
+                      b.network.callback_socket, str);
 
   if (a.secrets != b.secrets) {
     std::map<std::string, spec::SecretRef> before;

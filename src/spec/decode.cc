@@ -3,6 +3,7 @@
 
 #include <arpa/inet.h>
 #include <fmt/format.h>
+#include <sys/un.h>
 
 #include <cmath>
 #include <filesystem>
@@ -328,7 +329,7 @@ class Decoder {
         errorAtKey(pointerAppend(np, "intercept"),
                    "intercept cannot be combined with network.no_network = true");
       }
-      if (!s.network.rules.empty()) {
+      if (!s.network.rules.empty() || !s.network.callback_socket.empty()) {
         errorAtKey(pointerAppend(np, "interception"),
                    "interception rules need the egress proxy and cannot be combined with "
                    "network.no_network = true");
@@ -1026,9 +1027,17 @@ class Decoder {
       return;
     }
     checkKeys(v, ptr, {"rules", "callback_socket"});
-    if (field(v, ptr, "callback_socket") != nullptr) {
-      errorAtKey(pointerAppend(ptr, "callback_socket"),
-                 "SDK callback hooks are not supported yet (only declarative rules)");
+    if (Json* f = field(v, ptr, "callback_socket")) {
+      const std::string sp = pointerAppend(ptr, "callback_socket");
+      if (!f->is_string() || f->get<std::string>().empty()) {
+        typeError(*f, sp, "a path to a Unix socket");
+      } else {
+        n.callback_socket = resolvePath(f->get<std::string>());
+        if (n.callback_socket.size() >= sizeof(sockaddr_un::sun_path)) {
+          error(sp, fmt::format("a Unix socket path is at most {} bytes",
+                                sizeof(sockaddr_un::sun_path) - 1));
+        }
+      }
     }
     Json* rules = field(v, ptr, "rules");
     if (rules == nullptr) {
@@ -1056,9 +1065,21 @@ class Decoder {
                  "set_response_headers", "delete_response_headers", "body_replacements"});
       auto at = [&](std::string_view key) { return pointerAppend(ip, key); };
       HttpRule r;
-      for (const char* key : {"callback_id", "timeout_ms"}) {
-        if (field(item, ip, key) != nullptr) {
-          errorAtKey(at(key), "SDK callback hooks are not supported yet (only declarative rules)");
+      if (Json* f = field(item, ip, "callback_id")) {
+        r.callback_id = getString(*f, at("callback_id")).value_or("");
+        if (r.callback_id.empty()) {
+          error(at("callback_id"), "must be a non-empty string");
+        } else if (n.callback_socket.empty()) {
+          errorAtKey(at("callback_id"),
+                     "a callback rule needs network.interception.callback_socket (the Unix "
+                     "socket the callbacks are sent to)");
+        }
+      }
+      if (Json* f = field(item, ip, "timeout_ms")) {
+        r.timeout_ms =
+            static_cast<int>(getIntegerIn(*f, at("timeout_ms"), 1, kMaxHookTimeoutMs).value_or(0));
+        if (r.callback_id.empty()) {
+          errorAtKey(at("timeout_ms"), "only for a rule with a callback_id");
         }
       }
       if (Json* f = field(item, ip, "name")) {
@@ -1116,6 +1137,9 @@ class Decoder {
             enumError(at("action"), *a, {"allow", "block", "mutate"});
           }
         }
+      }
+      if (!r.callback_id.empty() && r.action == HttpRule::Action::Block) {
+        error(at("action"), "a callback rule cannot block by itself (its callback decides)");
       }
       auto names = [&](const char* key, std::vector<std::string>* out) {
         if (Json* f = field(item, ip, key)) {

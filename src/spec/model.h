@@ -15,6 +15,9 @@ inline constexpr double kDefaultCpus = 1.0;
 inline constexpr int64_t kDefaultMemoryMib = 512;
 inline constexpr int64_t kDefaultDiskMib = 5120;
 inline constexpr int kDefaultMtu = 1500;
+/// An interception rule's SDK callback deadline: the default and the largest allowed.
+inline constexpr int kDefaultHookTimeoutMs = 5000;
+inline constexpr int kMaxHookTimeoutMs = 60000;
 inline constexpr const char* kDefaultPortAddress = "127.0.0.1";
 
 /// Overlay, ReadWrite, ReadOnly and Memory are served by the host VFS (docs/vfs.md); Volume (a
@@ -106,6 +109,10 @@ struct HttpRule {
   std::vector<std::pair<std::string, std::string>> set_response_headers;
   std::vector<std::string> delete_response_headers;
   std::vector<std::pair<std::string, std::string>> body_replacements;  ///< {find, replace}
+  /// SDK callback (reference §4.8): the proxy asks the program listening on the network's
+  /// callback_socket what to do; timeout_ms 0 means the default (docs/egress.md).
+  std::string callback_id;
+  int timeout_ms = 0;
   bool operator==(const HttpRule&) const = default;
 };
 
@@ -122,6 +129,8 @@ struct NetworkSpec {
   std::string upstream_ca;
   /// network.interception.rules, applied by the egress proxy.
   std::vector<HttpRule> rules;
+  /// network.interception.callback_socket: the Unix socket the rules' callbacks are sent to.
+  std::string callback_socket;
   bool operator==(const NetworkSpec&) const = default;
 };
 

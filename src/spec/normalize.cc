@@ -111,6 +111,12 @@ OJson httpRuleJson(const HttpRule& r) {
     }
     out["body_replacements"] = list;
   }
+  if (!r.callback_id.empty()) {
+    out["callback_id"] = r.callback_id;
+  }
+  if (r.timeout_ms != 0) {
+    out["timeout_ms"] = r.timeout_ms;
+  }
   return out;
 }
 
@@ -126,12 +132,16 @@ OJson networkJson(const NetworkSpec& n) {
   if (!n.upstream_ca.empty()) {
     out["upstream_ca"] = n.upstream_ca;
   }
-  if (!n.rules.empty()) {  // only when set: specs without rules keep their hashes
+  if (!n.rules.empty() || !n.callback_socket.empty()) {  // only when set: hashes stay stable
     OJson rules = OJson::array();
     for (const auto& r : n.rules) {
       rules.push_back(httpRuleJson(r));
     }
-    out["interception"] = OJson{{"rules", std::move(rules)}};
+    OJson interception = OJson{{"rules", std::move(rules)}};
+    if (!n.callback_socket.empty()) {
+      interception["callback_socket"] = n.callback_socket;
+    }
+    out["interception"] = std::move(interception);
   }
   return out;
 }

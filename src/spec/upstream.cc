@@ -55,7 +55,7 @@ Result<Json> toSpecTree(const Json& c) {
   }
   if (auto n = c.find("network"); n != c.end() && n->is_object()) {
     Json net = Json::object();
-    // Same keys as the spec's (reference §4.7); SDK callbacks are refused by the decoder.
+    // Same keys as the spec's (reference §4.7, §4.8), callbacks and their socket included.
     copyIf(*n, "interception", net, "interception");
     copyIf(*n, "allowed_hosts", net, "allow_hosts");
     copyIf(*n, "block_private_ips", net, "block_private_ips");

@@ -128,6 +128,8 @@ std::map<std::string, Mutation> mutations() {
          r.set_headers = {{"X-Team", "agents"}};
          s.network.rules.push_back(r);
        })},
+      {"`network.interception.callback_socket`",
+       spec([](auto& s) { s.network.callback_socket = "/run/hooks.sock"; })},
       {"`secrets[].hosts`", spec([](auto& s) { s.secrets[0].hosts.emplace_back("b.test"); })},
       {"`secrets[].from_env` / `from_file` / `command`", spec([](auto& s) {
          s.secrets[0].kind = spec::SecretRef::Kind::File;

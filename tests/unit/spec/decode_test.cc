@@ -605,13 +605,16 @@ methods = ["DELETE"]
 [sandboxes.a]
 image = "busybox:latest"
 [sandboxes.a.network]
-interception = { callback_socket = "/tmp/s", rules = [
+interception = { callback_socket = 7, rules = [
   { phase = "later", set_headers = { "Bad Name" = "v" } },
   { phase = "after", set_headers = { A = "1" }, body_replacements = [ { find = "" } ] },
-  { callback_id = "cb", rewrite_path = "rel" } ] }
+  { callback_id = "cb", rewrite_path = "rel", action = "block", timeout_ms = 0 } ] }
 [sandboxes.b]
 image = "busybox:latest"
 network = { no_network = true, interception = { rules = [ { action = "block" } ] } }
+[sandboxes.c]
+image = "busybox:latest"
+network = { interception = { rules = [ { timeout_ms = 10 } ] } }
 )",
                            "toml");
   std::string text;
@@ -620,19 +623,45 @@ network = { no_network = true, interception = { rules = [ { action = "block" } ]
   }
   INFO(text);
   CHECK(text.find("spec.toml:") != std::string::npos);
-  CHECK(text.find("interception.callback_socket: SDK callback hooks are not supported yet") !=
+  CHECK(text.find("interception.callback_socket: expected a path to a Unix socket") !=
         std::string::npos);
   CHECK(text.find("rules[0].phase: invalid value 'later'") != std::string::npos);
   CHECK(text.find("'Bad Name' is not a valid header name") != std::string::npos);
   CHECK(text.find("rules[1].set_headers: only for phase = \"before\"") != std::string::npos);
   CHECK(text.find("rules[1].body_replacements[0]: 'find' must be a non-empty string") !=
         std::string::npos);
-  CHECK(text.find("rules[2].callback_id: SDK callback hooks") != std::string::npos);
+  CHECK(text.find("rules[2].callback_id: a callback rule needs "
+                  "network.interception.callback_socket") != std::string::npos);
+  CHECK(text.find("rules[2].action: a callback rule cannot block") != std::string::npos);
+  CHECK(text.find("rules[2].timeout_ms:") != std::string::npos);
   CHECK(text.find("rules[2].rewrite_path: must be an absolute path") != std::string::npos);
   CHECK(text.find("interception rules need the egress proxy") != std::string::npos);
+  CHECK(text.find("c.network.interception.rules[0].timeout_ms: only for a rule with a "
+                  "callback_id") != std::string::npos);
 }
 
-TEST_CASE("upstream create params carry network interception rules; callbacks are refused") {
+TEST_CASE("spec callback rules decode, normalize and round-trip") {
+  Decoded d = decodeText(R"(
+[sandboxes.a]
+image = "busybox:latest"
+[sandboxes.a.network]
+interception = { callback_socket = "/run/hooks.sock", rules = [
+  { name = "ask", path = "/v1/*", callback_id = "cb-1", timeout_ms = 1500 } ] }
+)",
+                         "toml");
+  INFO(d.firstError());
+  REQUIRE(d.diags.empty());
+  const auto& sb = d.file.sandboxes.at("a");
+  CHECK(sb.network.callback_socket == "/run/hooks.sock");
+  REQUIRE(sb.network.rules.size() == 1);
+  CHECK(sb.network.rules[0].callback_id == "cb-1");
+  CHECK(sb.network.rules[0].timeout_ms == 1500);
+  auto back = decodeNormalized(nlohmann::json::parse(toJson(sb).dump()), "a");
+  REQUIRE(back);
+  CHECK(back->network == sb.network);
+}
+
+TEST_CASE("upstream create params carry network interception rules and callbacks") {
   auto ok = decodeUpstreamConfig(nlohmann::json::parse(R"({"image": "x", "network": {
       "allowed_hosts": ["api.test"],
       "interception": {"rules": [{"phase": "after", "path": "/sse",
@@ -646,6 +675,8 @@ TEST_CASE("upstream create params carry network interception rules; callbacks ar
       decodeUpstreamConfig(nlohmann::json::parse(R"({"image": "x", "network": {"interception": {
           "callback_socket": "/tmp/sdk.sock", "rules": [{"callback_id": "c1"}]}}})"),
                            "vm-1");
-  REQUIRE_FALSE(cb);
-  CHECK(cb.error().message().find("callback hooks are not supported yet") != std::string::npos);
+  INFO((cb ? std::string() : cb.error().message()));
+  REQUIRE(cb);
+  CHECK(cb->network.callback_socket == "/tmp/sdk.sock");
+  CHECK(cb->network.rules.at(0).callback_id == "c1");
 }
