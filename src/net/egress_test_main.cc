@@ -20,6 +20,7 @@
 #include "common/strings.h"
 #include "ev/loop.h"
 #include "net/dns.h"
+#include "net/intercept.h"
 #include "net/proxy.h"
 
 namespace {
@@ -41,6 +42,7 @@ struct Args {
   std::string dns_listen;
   std::vector<std::string> dns_upstreams;
   std::string log_level = "warn";
+  std::string rules;  // JSON file: {"rules": [...], "callback_socket": "..."}
 };
 
 Result<std::vector<net::Secret>> loadSecrets(const std::vector<std::string>& specs) {
@@ -131,6 +133,16 @@ Status run(const Args& args) {
   opts.upstream_ca_file = args.upstream_ca;
   ML_ASSIGN_OR_RETURN(auto proxy,
                       net::Proxy::create(*loop, opts, store, secrets, ca, pins.get(), sink));
+  if (!args.rules.empty()) {
+    ML_ASSIGN_OR_RETURN(std::string text, matchlock::readFile(args.rules));
+    nlohmann::json j = nlohmann::json::parse(text, nullptr, false);
+    if (j.is_discarded() || !j.is_object()) {
+      return matchlock::makeError(matchlock::Errc::InvalidSpec, args.rules + ": not a JSON object");
+    }
+    ML_ASSIGN_OR_RETURN(auto rules,
+                        net::httpRulesFromJson(j.value("rules", nlohmann::json::array())));
+    proxy->setRules(net::HttpRules::compile(std::move(rules), j.value("callback_socket", "")));
+  }
 
   // Commands on stdin.
   std::string cmd_buf;
@@ -197,6 +209,8 @@ int main(int argc, char** argv) {
   app.add_option("--upstream-ca", args.upstream_ca, "CA bundle for upstream verification");
   app.add_option("--ca-out", args.ca_out, "write the sandbox CA certificate (PEM) here");
   app.add_option("--events", args.events, "append network events (JSON lines) here");
+  app.add_option("--rules", args.rules,
+                 "interception rules: JSON file {\"rules\": [...], \"callback_socket\": path}");
   app.add_option("--dns-listen", args.dns_listen, "sandbox resolver address ip:port");
   app.add_option("--dns-upstream", args.dns_upstreams, "upstream resolver ip[:port]");
   app.add_option("--log-level", args.log_level, "log level");

@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cctype>
 
+#include "common/base64.h"
 #include "common/strings.h"
 #include "net/policy.h"
 
@@ -235,7 +236,9 @@ nlohmann::json toJson(const std::vector<HttpRule>& rules) {
                    {"rewrite_path", r.rewrite_path},
                    {"set_response_headers", pairsJson(r.set_response_headers)},
                    {"delete_response_headers", r.delete_response_headers},
-                   {"body_replacements", replacementsJson(r.body_replacements)}});
+                   {"body_replacements", replacementsJson(r.body_replacements)},
+                   {"callback_id", r.callback_id},
+                   {"timeout_ms", r.timeout_ms}});
   }
   return out;
 }
@@ -307,6 +310,11 @@ Result<std::vector<HttpRule>> httpRulesFromJson(const nlohmann::json& j) {
           r.body_replacements.emplace_back(find, br.value("replace", ""));
         }
       }
+      r.callback_id = e.value("callback_id", "");
+      r.timeout_ms = e.value("timeout_ms", 0);
+      if (r.timeout_ms < 0 || r.timeout_ms > spec::kMaxHookTimeoutMs) {
+        return fail("timeout_ms", fmt::format("must be within 0..{}", spec::kMaxHookTimeoutMs));
+      }
       out.push_back(std::move(r));
     } catch (const nlohmann::json::exception& ex) {
       return makeError(Errc::InvalidSpec, fmt::format("interception.rules[{}]: {}", i, ex.what()));
@@ -321,17 +329,24 @@ bool matchPathGlob(std::string_view pattern, std::string_view path) {
   return ok && matched;
 }
 
-std::shared_ptr<const HttpRules> HttpRules::compile(std::vector<HttpRule> rules) {
+std::shared_ptr<const HttpRules> HttpRules::compile(std::vector<HttpRule> rules,
+                                                    std::string callback_socket) {
   auto out = std::make_shared<HttpRules>();
+  out->callback_socket_ = std::move(callback_socket);
   for (auto& r : rules) {
     const bool changes = !r.set_headers.empty() || !r.delete_headers.empty() ||
                          !r.set_query.empty() || !r.delete_query.empty() ||
                          !r.rewrite_path.empty() || !r.set_response_headers.empty() ||
                          !r.delete_response_headers.empty() || !r.body_replacements.empty();
+    if (out->callback_socket_.empty()) {
+      r.callback_id.clear();
+    }
     if (r.action == HttpRule::Action::Allow && changes) {
       r.action = HttpRule::Action::Mutate;
     }
-    if (r.action == HttpRule::Action::Block || (r.action == HttpRule::Action::Mutate && changes)) {
+    if (r.action == HttpRule::Action::Block || (r.action == HttpRule::Action::Mutate && changes) ||
+        !r.callback_id.empty()) {
+      out->after_callbacks_ |= r.phase == HttpRule::Phase::After && !r.callback_id.empty();
       out->rules_.push_back(std::move(r));
     }
   }
@@ -351,13 +366,76 @@ bool HttpRules::matches(const HttpRule& r, std::string_view host, std::string_vi
   return r.path.empty() || matchPathGlob(r.path, path);
 }
 
-std::string HttpRules::before(std::string_view host, http::Head* head) const {
-  for (const auto& r : rules_) {
+namespace {
+
+/// Go's canonical MIME header key ("content-type" → "Content-Type"), as upstream's maps use.
+std::string canonicalHeader(std::string_view name) {
+  std::string out(name);
+  bool upper = true;
+  for (char& c : out) {
+    auto u = static_cast<unsigned char>(c);
+    c = static_cast<char>(upper ? std::toupper(u) : std::tolower(u));
+    upper = c == '-';
+  }
+  return out;
+}
+
+nlohmann::json headerLists(const http::Head& head) {
+  nlohmann::json out = nlohmann::json::object();
+  for (const auto& h : head.headers) {
+    out[canonicalHeader(h.name)].push_back(h.value);
+  }
+  return out;
+}
+
+nlohmann::json firstQueryValues(std::string_view query) {
+  nlohmann::json out = nlohmann::json::object();
+  for (const std::string& part : split(query, '&')) {
+    if (part.empty()) {
+      continue;
+    }
+    size_t eq = part.find('=');
+    std::string key = unescape(std::string_view(part).substr(0, eq));
+    if (!out.contains(key)) {
+      out[key] = eq == std::string::npos ? "" : unescape(std::string_view(part).substr(eq + 1));
+    }
+  }
+  return out;
+}
+
+HookCall hookCall(const HttpRule& r, const std::string& socket, std::string_view phase,
+                  std::string_view host, const http::Head& request) {
+  HookCall call;
+  call.rule = r.name.empty() ? r.callback_id : r.name;
+  call.socket = socket;
+  call.timeout =
+      std::chrono::milliseconds(r.timeout_ms > 0 ? r.timeout_ms : spec::kDefaultHookTimeoutMs);
+  call.request = {{"callback_id", r.callback_id},
+                  {"phase", phase},
+                  {"host", host},
+                  {"method", request.method},
+                  {"path", request.path()},
+                  {"query", firstQueryValues(request.query())},
+                  {"request_headers", headerLists(request)}};
+  return call;
+}
+
+std::string blockName(const HttpRule& r) {
+  return r.name.empty() ? "(unnamed rule)" : r.name;
+}
+
+}  // namespace
+
+RuleStep HttpRules::before(std::string_view host, http::Head* head, size_t* cursor) const {
+  RuleStep step;
+  while (*cursor < rules_.size()) {
+    const HttpRule& r = rules_[(*cursor)++];
     if (r.phase != HttpRule::Phase::Before || !matches(r, host, head->method, head->path())) {
       continue;
     }
     if (r.action == HttpRule::Action::Block) {
-      return r.name.empty() ? "(unnamed rule)" : r.name;
+      step.blocked_by = blockName(r);
+      return step;
     }
     applyHeaders(head, r.set_headers, r.delete_headers);
     if (!r.set_query.empty() || !r.delete_query.empty() || !r.rewrite_path.empty()) {
@@ -365,27 +443,238 @@ std::string HttpRules::before(std::string_view host, http::Head* head) const {
       std::string query = editQuery(head->query(), r.set_query, r.delete_query);
       head->target = query.empty() ? path : path + "?" + query;
     }
+    if (!r.callback_id.empty()) {
+      step.call = hookCall(r, callback_socket_, "before", host, *head);
+      return step;
+    }
   }
-  return "";
+  return step;
 }
 
-BodyPlan HttpRules::after(std::string_view host, std::string_view method, std::string_view path,
-                          http::Head* head) const {
-  BodyPlan plan;
-  for (const auto& r : rules_) {
-    if (r.phase != HttpRule::Phase::After || !matches(r, host, method, path)) {
+RuleStep HttpRules::after(std::string_view host, const http::Head& request, http::Head* response,
+                          BodyPlan* plan, size_t* cursor) const {
+  RuleStep step;
+  while (*cursor < rules_.size()) {
+    const HttpRule& r = rules_[(*cursor)++];
+    if (r.phase != HttpRule::Phase::After || !matches(r, host, request.method, request.path())) {
       continue;
     }
     if (r.action == HttpRule::Action::Block) {
-      plan.blocked = true;
-      plan.blocked_by = r.name.empty() ? "(unnamed rule)" : r.name;
-      return plan;
+      plan->blocked = true;
+      plan->blocked_by = blockName(r);
+      step.blocked_by = plan->blocked_by;
+      return step;
     }
-    applyHeaders(head, r.set_response_headers, r.delete_response_headers);
-    plan.replacements.insert(plan.replacements.end(), r.body_replacements.begin(),
-                             r.body_replacements.end());
+    applyHeaders(response, r.set_response_headers, r.delete_response_headers);
+    plan->replacements.insert(plan->replacements.end(), r.body_replacements.begin(),
+                              r.body_replacements.end());
+    if (!r.callback_id.empty()) {
+      step.call = hookCall(r, callback_socket_, "after", host, request);
+      step.call->request["status_code"] = response->status;
+      step.call->request["response_headers"] = headerLists(*response);
+      step.call->request["is_sse"] =
+          toLower(response->find("content-type").value_or("")).starts_with("text/event-stream");
+      return step;
+    }
   }
-  return plan;
+  return step;
+}
+
+namespace {
+
+/// A header map of the answer: name → string or list of strings.
+Result<std::vector<http::Header>> answerHeaders(const nlohmann::json& j, std::string_view where) {
+  if (!j.is_object()) {
+    return makeError(Errc::Protocol, fmt::format("{}: expected an object", where));
+  }
+  std::vector<http::Header> out;
+  for (const auto& [name, v] : j.items()) {
+    if (!validHeaderName(name)) {
+      return makeError(Errc::Protocol, fmt::format("{}: '{}' is not a header name", where, name));
+    }
+    std::vector<std::string> values;
+    if (v.is_string()) {
+      values.push_back(v.get<std::string>());
+    } else if (v.is_array()) {
+      for (const auto& x : v) {
+        if (!x.is_string()) {
+          return makeError(Errc::Protocol, fmt::format("{}.{}: expected strings", where, name));
+        }
+        values.push_back(x.get<std::string>());
+      }
+    } else if (!v.is_null()) {
+      return makeError(Errc::Protocol,
+                       fmt::format("{}.{}: expected a string or a list", where, name));
+    }
+    for (auto& value : values) {
+      if (!validHeaderValue(value)) {
+        return makeError(
+            Errc::Protocol,
+            fmt::format("{}.{}: a header value cannot hold CR, LF or NUL", where, name));
+      }
+      out.push_back({name, std::move(value)});
+    }
+  }
+  return out;
+}
+
+const nlohmann::json* member(const nlohmann::json& j, const char* key) {
+  auto it = j.find(key);
+  return it == j.end() || it->is_null() ? nullptr : &*it;
+}
+
+/// Replaces every header but the `kept` ones (whatever the answer says about those).
+void replaceHeaders(http::Head* head, const std::vector<http::Header>& with,
+                    std::initializer_list<std::string_view> kept) {
+  auto isKept = [&](std::string_view name) {
+    return std::ranges::any_of(kept, [&](std::string_view k) { return k == toLower(name); });
+  };
+  std::vector<http::Header> next;
+  for (auto& h : head->headers) {
+    if (isKept(h.name)) {
+      next.push_back(std::move(h));
+    }
+  }
+  for (const auto& h : with) {
+    if (!isKept(h.name)) {
+      next.push_back(h);
+    }
+  }
+  head->headers = std::move(next);
+}
+
+}  // namespace
+
+Result<HookAnswer> parseHookAnswer(std::string_view bytes) {
+  nlohmann::json j = nlohmann::json::parse(bytes, nullptr, false);
+  if (j.is_discarded() || !j.is_object()) {
+    return makeError(Errc::Protocol, "the answer is not a JSON object");
+  }
+  HookAnswer a;
+  if (const auto* e = member(j, "error")) {
+    if (!e->is_string()) {
+      return makeError(Errc::Protocol, "error: expected a string");
+    }
+    if (!e->get<std::string>().empty()) {
+      return makeError(Errc::Protocol,
+                       fmt::format("the callback reported: {}", e->get<std::string>()));
+    }
+  }
+  if (const auto* act = member(j, "action")) {
+    std::string action = act->is_string() ? act->get<std::string>() : "?";
+    if (action == "block") {
+      a.block = true;
+    } else if (action != "" && action != "allow" && action != "mutate") {
+      return makeError(Errc::Protocol, "action: expected allow, block or mutate");
+    }
+  }
+  if (const auto* req = member(j, "request")) {
+    if (!req->is_object()) {
+      return makeError(Errc::Protocol, "request: expected an object");
+    }
+    if (const auto* h = member(*req, "headers")) {
+      ML_ASSIGN_OR_RETURN(a.request_headers, answerHeaders(*h, "request.headers"));
+    }
+    if (const auto* q = member(*req, "query")) {
+      ML_ASSIGN_OR_RETURN(auto params, answerHeaders(*q, "request.query"));
+      a.query.emplace();
+      for (auto& p : params) {
+        a.query->emplace_back(std::move(p.name), std::move(p.value));
+      }
+    }
+    if (const auto* path = member(*req, "path")) {
+      if (!path->is_string()) {
+        return makeError(Errc::Protocol, "request.path: expected a string");
+      }
+      std::string p = path->get<std::string>();
+      if (!p.empty()) {
+        if (p[0] != '/' || std::ranges::any_of(p, [](char c) {
+              return static_cast<unsigned char>(c) <= 0x20 || c == 0x7f || c == '?' || c == '#';
+            })) {
+          return makeError(Errc::Protocol,
+                           "request.path: must be an absolute path without spaces, '?' or '#'");
+        }
+        a.path = std::move(p);
+      }
+    }
+  }
+  if (const auto* resp = member(j, "response")) {
+    if (!resp->is_object()) {
+      return makeError(Errc::Protocol, "response: expected an object");
+    }
+    if (const auto* h = member(*resp, "headers")) {
+      ML_ASSIGN_OR_RETURN(a.response_headers, answerHeaders(*h, "response.headers"));
+    }
+    if (const auto* br = member(*resp, "body_replacements")) {
+      if (!br->is_array()) {
+        return makeError(Errc::Protocol, "response.body_replacements: expected a list");
+      }
+      for (const auto& r : *br) {
+        const auto* f = r.is_object() ? member(r, "find") : nullptr;
+        const auto* t = r.is_object() ? member(r, "replace") : nullptr;
+        if (f == nullptr || !f->is_string() || (t != nullptr && !t->is_string())) {
+          return makeError(Errc::Protocol,
+                           "response.body_replacements: expected {find, replace} strings");
+        }
+        if (!f->get<std::string>().empty()) {
+          a.body_replacements.emplace_back(f->get<std::string>(),
+                                           t == nullptr ? "" : t->get<std::string>());
+        }
+      }
+    }
+    if (const auto* b = member(*resp, "set_body_base64")) {
+      if (!b->is_string()) {
+        return makeError(Errc::Protocol, "response.set_body_base64: expected a string");
+      }
+      if (!b->get<std::string>().empty()) {
+        auto body = base64Decode(b->get<std::string>());
+        if (!body) {
+          return makeError(Errc::Protocol, "response.set_body_base64: not base64");
+        }
+        a.set_body = std::move(*body);
+      }
+    }
+  }
+  return a;
+}
+
+bool applyBeforeAnswer(const HookAnswer& a, http::Head* request) {
+  if (a.block) {
+    return true;
+  }
+  if (a.request_headers) {
+    replaceHeaders(request, *a.request_headers, {"host", "content-length", "transfer-encoding"});
+  }
+  if (a.query || a.path) {
+    std::string path = a.path ? *a.path : std::string(request->path());
+    std::string query(request->query());
+    if (a.query) {
+      std::vector<std::string> raw;
+      raw.reserve(a.query->size());
+      for (const auto& [k, v] : *a.query) {
+        raw.push_back(escape(k) + "=" + escape(v));
+      }
+      query = join(raw, "&");
+    }
+    request->target = query.empty() ? path : path + "?" + query;
+  }
+  return false;
+}
+
+bool applyAfterAnswer(const HookAnswer& a, http::Head* response, BodyPlan* plan) {
+  if (a.block) {
+    plan->blocked = true;
+    return true;
+  }
+  if (a.response_headers) {
+    replaceHeaders(response, *a.response_headers, {"content-length", "transfer-encoding"});
+  }
+  plan->replacements.insert(plan->replacements.end(), a.body_replacements.begin(),
+                            a.body_replacements.end());
+  if (a.set_body) {
+    plan->set_body = a.set_body;
+  }
+  return false;
 }
 
 std::string replaceAll(std::string body, const Pairs& replacements) {

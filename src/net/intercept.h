@@ -1,9 +1,11 @@
 // SPDX-License-Identifier: Apache-2.0
 #pragma once
 
+#include <chrono>
 #include <cstddef>
 #include <map>
 #include <memory>
+#include <optional>
 #include <string>
 #include <string_view>
 #include <utility>
@@ -34,27 +36,71 @@ struct BodyPlan {
   bool blocked = false;
   std::string blocked_by;  ///< the rule's name
   std::vector<std::pair<std::string, std::string>> replacements;
+  std::optional<std::string> set_body;  ///< a callback replaced the whole body
 };
+
+/// One call to the SDK's callback socket that a matching rule asks for (reference §4.8).
+struct HookCall {
+  std::string rule;    ///< the rule's name, or its callback id, for logs
+  std::string socket;  ///< the Unix socket to call
+  std::chrono::milliseconds timeout{0};
+  nlohmann::json request;  ///< the NetworkHookCallbackRequest
+};
+
+/// Where one phase's evaluation stopped: at the end, at a block, or at a callback rule.
+struct RuleStep {
+  std::string blocked_by;        ///< non-empty: a rule blocked (its name)
+  std::optional<HookCall> call;  ///< set: paused at a callback; resume with the same cursor
+};
+
+/// The SDK's answer to a HookCall, validated whole before anything is applied.
+struct HookAnswer {
+  bool block = false;
+  std::optional<std::vector<http::Header>> request_headers;               ///< full replacement
+  std::optional<std::vector<std::pair<std::string, std::string>>> query;  ///< full replacement
+  std::optional<std::string> path;
+  std::optional<std::vector<http::Header>> response_headers;  ///< full replacement
+  std::vector<std::pair<std::string, std::string>> body_replacements;
+  std::optional<std::string> set_body;  ///< decoded from set_body_base64
+};
+
+/// Parses one answer (untrusted bytes: fuzzed). An `error` string, malformed JSON or a field of
+/// the wrong shape is an error; the caller then skips the rule (fail-open, as upstream).
+Result<HookAnswer> parseHookAnswer(std::string_view bytes);
+
+/// Applies a before-phase answer to the request; true when it blocks. The Host header and the
+/// framing headers (Content-Length, Transfer-Encoding) stay the proxy's: the decision and the
+/// body relay were made for them.
+bool applyBeforeAnswer(const HookAnswer& a, http::Head* request);
+/// Applies an after-phase answer; true when it blocks. Framing headers stay upstream's.
+bool applyAfterAnswer(const HookAnswer& a, http::Head* response, BodyPlan* plan);
 
 /// The rules of one sandbox, compiled (immutable; shared by the proxy's requests).
 class HttpRules {
  public:
-  /// Drops rules that neither block nor change anything; `allow` with changes becomes mutate.
-  static std::shared_ptr<const HttpRules> compile(std::vector<HttpRule> rules);
+  /// Drops rules that neither block, change anything nor call back; `allow` with changes
+  /// becomes mutate. Callback rules keep their callback only with a `callback_socket`.
+  static std::shared_ptr<const HttpRules> compile(std::vector<HttpRule> rules,
+                                                  std::string callback_socket = "");
   bool empty() const { return rules_.empty(); }
+  const std::string& callbackSocket() const { return callback_socket_; }
+  /// Whether a response may need its request's headers (an after-phase callback exists).
+  bool hasAfterCallbacks() const { return after_callbacks_; }
 
-  /// Before phase on a request to `host`: every matching rule in order; a block stops. Returns
-  /// the name of the blocking rule ("" when not blocked); `head` is mutated in place.
-  std::string before(std::string_view host, http::Head* head) const;
-  /// After phase on the response to (method, path) at `host`: header changes applied to `head`;
-  /// block and body replacements returned for the caller to carry out.
-  BodyPlan after(std::string_view host, std::string_view method, std::string_view path,
-                 http::Head* head) const;
+  /// Before phase on a request to `host` from rule `*cursor` on: every matching rule in order
+  /// until a block or a callback rule; `head` is mutated in place. Start with *cursor = 0.
+  RuleStep before(std::string_view host, http::Head* head, size_t* cursor) const;
+  /// After phase on the response to `request` (method, target, headers as the guest sent them)
+  /// at `host`: header changes applied to `response`, block and body changes gathered in `plan`.
+  RuleStep after(std::string_view host, const http::Head& request, http::Head* response,
+                 BodyPlan* plan, size_t* cursor) const;
 
  private:
   bool matches(const HttpRule& r, std::string_view host, std::string_view method,
                std::string_view path) const;
   std::vector<HttpRule> rules_;
+  std::string callback_socket_;
+  bool after_callbacks_ = false;
 };
 
 /// Applies literal find → replace pairs, in order, to a whole body.

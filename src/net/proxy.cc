@@ -16,6 +16,7 @@
 
 #include "common/log.h"
 #include "net/dns.h"
+#include "net/hook_client.h"
 #include "net/intercept.h"
 
 namespace matchlock::net {
@@ -136,6 +137,9 @@ struct PendingRequest {
   std::string url;
   Clock::time_point start;
   uint64_t request_bytes = 0;
+  /// The request as the before phase left it (method and target; headers too when an
+  /// after-phase callback may need them), before secret substitution: placeholders only.
+  http::Head rule_view;
 };
 
 bool looksLikeHttp(const unsigned char* p, size_t n) {
@@ -549,7 +553,7 @@ class Proxy::Connection {
   }
 
   bool canReadUpstream() const {
-    return up_ == Up::Ready && !upstream_.eof && client_.pending() < kMaxBuffered &&
+    return up_ == Up::Ready && !upstream_.eof && !held_resp_ && client_.pending() < kMaxBuffered &&
            !(closing_ && mode_ != Mode::Raw);
   }
 
@@ -768,7 +772,7 @@ class Proxy::Connection {
   }
 
   void processRequests() {
-    while (!req_buf_.empty() && !reject_pending_ && !closing_ && !closed_) {
+    while (!req_buf_.empty() && !reject_pending_ && !closing_ && !closed_ && !held_req_) {
       if (in_req_body_) {
         size_t n = req_body_.consume(req_buf_);
         if (req_body_.failed()) {
@@ -845,41 +849,139 @@ class Proxy::Connection {
         reject(req, 405, "Method Not Allowed", "CONNECT is not supported", true);
         return;
       }
-      // Interception rules first: the secret check below then sees the request as it will be
-      // sent, so no rule can carry a placeholder past it.
-      if (auto rules = proxy_.rules(); rules && !rules->empty()) {
-        std::string rule = rules->before(host_, &head);
-        if (!rule.empty()) {
-          ML_LOG(proxy, info, "request {} {}{} blocked by interception rule {}", head.method, host_,
-                 req.path, rule);
-          reject(req, 403, "Forbidden", "request blocked by policy", true);
-          return;
-        }
-      }
-      if (auto secrets = proxy_.secrets()) {
-        SubstitutionResult s = secrets->apply(&head, host_);
-        if (s.blocked) {
-          ML_LOG(proxy, warn,
-                 "blocked request to {}: placeholder of secret {} sent to an "
-                 "unauthorized host",
-                 host_, s.secret_name);
-          reject(req, 403, "Forbidden", s.reason, true);
-          return;
-        }
-      }
-      int framing_error = 0;
-      http::BodyFramer framer = http::requestFraming(head, &framing_error);
-      if (framing_error != 0) {
-        reject(req, framing_error, reasonPhrase(framing_error), "unsupported message framing",
-               false);
+      auto rules = proxy_.rules();
+      if (!sendRequest(std::move(req), std::move(head), std::move(rules), 0)) {
         return;
       }
-      connectUpstream();
-      upstream_.out += http::serializeRequestHead(head);
-      pending_.push_back(std::move(req));
-      req_body_ = framer;
-      in_req_body_ = !framer.done();
     }
+  }
+
+  /// The rest of a checked request: the interception rules from rule `cursor` on (a callback
+  /// rule holds the request until its answer), then secrets, framing and the send. False when
+  /// the request is held or was answered locally.
+  bool sendRequest(PendingRequest req, http::Head head, std::shared_ptr<const HttpRules> rules,
+                   size_t cursor) {
+    // Interception rules first: the secret check below then sees the request as it will be
+    // sent, so no rule (and no callback) can carry a placeholder past it.
+    if (rules && !rules->empty()) {
+      RuleStep step = rules->before(host_, &head, &cursor);
+      while (step.call) {
+        if (auto hook = requestHook(std::move(*step.call))) {
+          req_hook_ = std::move(hook);
+          held_req_ = HeldRequest{std::move(req), std::move(head), std::move(rules), cursor};
+          return false;
+        }
+        step = rules->before(host_, &head, &cursor);  // unreachable socket: rule skipped
+      }
+      if (!step.blocked_by.empty()) {
+        ML_LOG(proxy, info, "request {} {}{} blocked by interception rule {}", head.method, host_,
+               req.path, step.blocked_by);
+        reject(req, 403, "Forbidden", "request blocked by policy", true);
+        return false;
+      }
+      req.rule_view.method = head.method;
+      req.rule_view.target = head.target;
+      if (rules->hasAfterCallbacks()) {
+        req.rule_view.headers = head.headers;
+      }
+    } else {
+      req.rule_view.method = head.method;
+      req.rule_view.target = head.target;
+    }
+    if (auto secrets = proxy_.secrets()) {
+      SubstitutionResult s = secrets->apply(&head, host_);
+      if (s.blocked) {
+        ML_LOG(proxy, warn,
+               "blocked request to {}: placeholder of secret {} sent to an "
+               "unauthorized host",
+               host_, s.secret_name);
+        reject(req, 403, "Forbidden", s.reason, true);
+        return false;
+      }
+    }
+    int framing_error = 0;
+    http::BodyFramer framer = http::requestFraming(head, &framing_error);
+    if (framing_error != 0) {
+      reject(req, framing_error, reasonPhrase(framing_error), "unsupported message framing", false);
+      return false;
+    }
+    connectUpstream();
+    upstream_.out += http::serializeRequestHead(head);
+    pending_.push_back(std::move(req));
+    req_body_ = framer;
+    in_req_body_ = !framer.done();
+    return true;
+  }
+
+  /// A request waiting for its callback's answer: nothing more is read from the request stream
+  /// until the answer (or its deadline) decides, and then the rules go on after that rule.
+  struct HeldRequest {
+    PendingRequest req;
+    http::Head head;
+    std::shared_ptr<const HttpRules> rules;
+    size_t cursor = 0;
+  };
+
+  /// A response waiting for its callback's answer: upstream is not read meanwhile.
+  struct HeldResponse {
+    http::Head head;
+    BodyPlan plan;
+    std::shared_ptr<const HttpRules> rules;
+    size_t cursor = 0;
+  };
+
+  /// Starts the SDK call; a socket that cannot be reached skips the rule at once (fail-open).
+  std::unique_ptr<HookClient> callHook(const HookCall& call,
+                                       std::function<void(Result<std::string>)> done) {
+    auto client = HookClient::start(proxy_.loop_, call.socket, call.request.dump(), call.timeout,
+                                    std::move(done));
+    if (!client) {
+      hookFailed(call, client.error().message());
+      return nullptr;
+    }
+    return std::move(*client);
+  }
+
+  void hookFailed(const HookCall& call, std::string_view why) const {
+    ML_LOG(proxy, warn, "callback rule {} on {}: {}; the rule is skipped (fail-open)", call.rule,
+           host_, why);
+  }
+
+  /// The answer's bytes parsed; an error (or an unusable answer) skips the rule.
+  std::optional<HookAnswer> hookAnswer(const HookCall& call, Result<std::string> answer) const {
+    if (!answer) {
+      hookFailed(call, answer.error().message());
+      return std::nullopt;
+    }
+    auto parsed = parseHookAnswer(*answer);
+    if (!parsed) {
+      hookFailed(call, parsed.error().message());
+      return std::nullopt;
+    }
+    return std::move(*parsed);
+  }
+
+  /// Calls back for the request about to be held in held_req_; on the answer the request goes
+  /// on after that rule (or is refused). Null when the socket cannot be reached.
+  std::unique_ptr<HookClient> requestHook(HookCall call) {
+    return callHook(call, [this, call](Result<std::string> answer) {
+      std::unique_ptr<HookClient> finished = std::move(req_hook_);
+      auto a = hookAnswer(call, std::move(answer));
+      touch();
+      HeldRequest held = std::move(*held_req_);
+      held_req_.reset();
+      if (a && applyBeforeAnswer(*a, &held.head)) {
+        ML_LOG(proxy, info, "request {} {}{} blocked by callback rule {}", held.head.method, host_,
+               held.req.path, call.rule);
+        reject(held.req, 403, "Forbidden", "request blocked by policy", true);
+      } else if (sendRequest(std::move(held.req), std::move(held.head), std::move(held.rules),
+                             held.cursor)) {
+        processRequests();
+      }
+      if (!closed_) {
+        pump();
+      }
+    });
   }
 
   static std::string_view reasonPhrase(int status) {
@@ -950,7 +1052,7 @@ class Proxy::Connection {
     if (mode_ == Mode::Raw) {
       return;
     }
-    if (mode_ != Mode::Http || pending_.empty() || in_req_body_) {
+    if (mode_ != Mode::Http || (pending_.empty() && !held_req_) || in_req_body_) {
       closing_ = true;
     }
   }
@@ -968,7 +1070,7 @@ class Proxy::Connection {
   }
 
   void processResponses() {
-    while (!resp_buf_.empty() && !closed_) {
+    while (!resp_buf_.empty() && !closed_ && !held_resp_) {
       if (in_resp_body_) {
         size_t n = resp_body_.consume(resp_buf_);
         if (resp_body_.failed()) {
@@ -1034,28 +1136,93 @@ class Proxy::Connection {
       resp_bytes_ = 0;
       in_resp_body_ = !resp_body_.done();
       if (rules && !rules->empty()) {
-        const PendingRequest& req = pending_.front();
-        BodyPlan plan = rules->after(host_, req.method, req.path, &head);
-        if (plan.blocked) {
-          ML_LOG(proxy, info, "response to {} {}{} blocked by interception rule {}", req.method,
-                 host_, req.path, plan.blocked_by);
-          PendingRequest blocked = pending_.front();
-          pending_.clear();
-          respondAndClose(blocked, 403, "Forbidden", "response blocked by policy", true);
+        if (!runResponseRules(std::move(head), BodyPlan{}, std::move(rules), 0)) {
           return;
         }
-        startRewrite(std::move(head), std::move(plan.replacements));
-      }
-      if (!in_resp_body_) {
+      } else if (!in_resp_body_) {
         finishResponse();
       }
     }
   }
 
+  /// Calls back for the response about to be held in held_resp_; on the answer the after phase
+  /// goes on after that rule. Null when the socket cannot be reached.
+  std::unique_ptr<HookClient> responseHook(HookCall call) {
+    return callHook(call, [this, call](Result<std::string> answer) {
+      std::unique_ptr<HookClient> finished = std::move(resp_hook_);
+      auto a = hookAnswer(call, std::move(answer));
+      touch();
+      HeldResponse held = std::move(*held_resp_);
+      held_resp_.reset();
+      if (a) {
+        applyAfterAnswer(*a, &held.head, &held.plan);
+      }
+      if (runResponseRules(std::move(held.head), std::move(held.plan), std::move(held.rules),
+                           held.cursor)) {
+        processResponses();
+      }
+      if (eof_deferred_ && !held_resp_ && !closed_) {
+        eof_deferred_ = false;
+        onUpstreamEof();
+      }
+      if (!closed_) {
+        pump();
+      }
+    });
+  }
+
+  /// The after-phase rules from rule `cursor` on; a callback rule holds the response (upstream
+  /// is not read) until its answer. False when held or answered locally.
+  bool runResponseRules(http::Head head, BodyPlan plan, std::shared_ptr<const HttpRules> rules,
+                        size_t cursor) {
+    if (pending_.empty()) {
+      close("response without a request");
+      return false;
+    }
+    const PendingRequest& req = pending_.front();
+    RuleStep step = rules->after(host_, req.rule_view, &head, &plan, &cursor);
+    while (step.call) {
+      if (auto hook = responseHook(std::move(*step.call))) {
+        resp_hook_ = std::move(hook);
+        held_resp_ = HeldResponse{std::move(head), std::move(plan), std::move(rules), cursor};
+        return false;
+      }
+      step = rules->after(host_, req.rule_view, &head, &plan, &cursor);  // rule skipped
+    }
+    if (plan.blocked) {
+      ML_LOG(proxy, info, "response to {} {}{} blocked by interception rule {}", req.method, host_,
+             req.path, plan.blocked_by.empty() ? "(a callback)" : plan.blocked_by);
+      PendingRequest blocked = pending_.front();
+      pending_.clear();
+      respondAndClose(blocked, 403, "Forbidden", "response blocked by policy", true);
+      return false;
+    }
+    const bool body_allowed = req.method != "HEAD" && resp_status_ != 204 && resp_status_ != 304;
+    startRewrite(std::move(head), std::move(plan), body_allowed);
+    if (!in_resp_body_) {
+      finishResponse();
+    }
+    return !closed_;
+  }
+
   /// The response head after the after-phase rules: sent at once, or (a body to rewrite that is
   /// not an event stream) held until the body is complete and its new length known.
-  void startRewrite(http::Head head, std::vector<std::pair<std::string, std::string>> repl) {
+  void startRewrite(http::Head head, BodyPlan plan, bool body_allowed) {
     rw_ = Rewrite{};
+    if (plan.set_body && body_allowed) {
+      // A callback gave the whole body: upstream's is read and dropped, this one is sent with
+      // its own length once upstream's ends.
+      head.remove("content-length");
+      head.remove("transfer-encoding");
+      head.remove("content-encoding");
+      rw_.active = true;
+      rw_.discard = true;
+      rw_.replacements = std::move(plan.replacements);
+      rw_.body = std::move(*plan.set_body);
+      rw_.head = std::move(head);
+      return;
+    }
+    std::vector<std::pair<std::string, std::string>> repl = std::move(plan.replacements);
     auto encoding = head.find("content-encoding");
     const bool encoded = encoding && toLowerAscii(*encoding) != "identity";
     if (repl.empty() || !in_resp_body_ || encoded) {
@@ -1102,6 +1269,9 @@ class Proxy::Connection {
   void deliverBody(std::string_view raw) {
     if (!rw_.active) {
       client_.out.append(raw);
+      return;
+    }
+    if (rw_.discard) {
       return;
     }
     std::string plain;
@@ -1174,6 +1344,10 @@ class Proxy::Connection {
     if (mode_ == Mode::Raw) {
       return;
     }
+    if (held_resp_) {
+      eof_deferred_ = true;  // handled once the callback has answered
+      return;
+    }
     if (in_resp_body_ && resp_body_.mode() == http::BodyFramer::Mode::UntilClose) {
       finishResponse();
     } else if (!pending_.empty() && !in_resp_body_ && resp_buf_.empty()) {
@@ -1235,6 +1409,8 @@ class Proxy::Connection {
               .count();
       emit(e);
     }
+    req_hook_.reset();
+    resp_hook_.reset();
     client_.watch.reset();
     upstream_.watch.reset();
     if (client_.ssl && SSL_is_init_finished(client_.ssl.get()) == 1) {
@@ -1276,6 +1452,7 @@ class Proxy::Connection {
     bool active = false;
     bool chunked = false;  ///< upstream sent it chunked: decoded first
     bool sse = false;
+    bool discard = false;  ///< a callback set the body: upstream's is dropped
     ChunkedDecoder decoder;
     std::optional<SseRewriter> sse_rw;
     std::vector<std::pair<std::string, std::string>> replacements;
@@ -1284,6 +1461,11 @@ class Proxy::Connection {
   };
   static constexpr size_t kMaxRewriteBody = size_t{16} << 20;
   Rewrite rw_;
+  // SDK callbacks in flight (at most one per direction).
+  std::optional<HeldRequest> held_req_;
+  std::unique_ptr<HookClient> req_hook_;
+  std::optional<HeldResponse> held_resp_;
+  std::unique_ptr<HookClient> resp_hook_;
   uint64_t resp_bytes_ = 0;
   int resp_status_ = 0;
   uint32_t client_hs_want_ = 0;
@@ -1297,6 +1479,7 @@ class Proxy::Connection {
   bool in_resp_body_ = false;
   bool closing_ = false;
   bool closed_ = false;
+  bool eof_deferred_ = false;
   bool progressed_ = false;
   bool repump_posted_ = false;
   bool hello_seen_ = false;

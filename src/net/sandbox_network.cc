@@ -85,7 +85,7 @@ nlohmann::json toJson(const NetworkConfig& c) {
           {"allow_hosts", c.allow_hosts}, {"block_private_ips", c.block_private_ips},
           {"dns_servers", c.dns_servers}, {"upstream_ca_file", c.upstream_ca_file},
           {"secrets", secrets},           {"events_path", c.events_path},
-          {"rules", toJson(c.rules)}};
+          {"rules", toJson(c.rules)},     {"callback_socket", c.callback_socket}};
 }
 
 Result<NetworkConfig> networkConfigFromJson(const nlohmann::json& j) {
@@ -111,6 +111,7 @@ Result<NetworkConfig> networkConfigFromJson(const nlohmann::json& j) {
     if (auto r = j.find("rules"); r != j.end()) {
       ML_ASSIGN_OR_RETURN(c.rules, httpRulesFromJson(*r));
     }
+    c.callback_socket = j.value("callback_socket", "");
     return c;
   } catch (const nlohmann::json::exception& e) {
     return makeError(Errc::InvalidSpec, fmt::format("network config: {}", e.what()));
@@ -190,7 +191,7 @@ Status SandboxNetwork::start(const std::map<std::string, std::string>& secret_va
     po.upstream_ca_file = config_.upstream_ca_file;
     ML_ASSIGN_OR_RETURN(
         proxy_, Proxy::create(*loop_, po, policy_, secret_set, ca_, pins_.get(), std::move(sink)));
-    proxy_->setRules(HttpRules::compile(config_.rules));
+    proxy_->setRules(HttpRules::compile(config_.rules, config_.callback_socket));
     SandboxRules rules;
     rules.table = config_.names.table;
     rules.tap = config_.names.tap;
@@ -300,6 +301,7 @@ Status SandboxNetwork::update(const EgressUpdate& update) {
   next.allow_hosts = update.allow_hosts;
   next.block_private_ips = update.block_private_ips;
   next.rules = update.rules;
+  next.callback_socket = update.callback_socket;
   next.secrets = update.secrets;
   std::map<std::string, std::string> placeholders = placeholders_;
   ML_ASSIGN_OR_RETURN(Egress egress, compileEgress(next, update.values, placeholders));
@@ -308,7 +310,7 @@ Status SandboxNetwork::update(const EgressUpdate& update) {
   // carries its own hosts).
   proxy_->setSecrets(std::make_shared<const SecretSet>(std::move(egress.secrets)));
   policy_->replace(std::move(egress.policy));
-  proxy_->setRules(HttpRules::compile(next.rules));
+  proxy_->setRules(HttpRules::compile(next.rules, next.callback_socket));
   config_ = std::move(next);
   ML_LOG(net, info,
          "network {}: egress updated ({} allow-list entries, private ranges {}, {} "
@@ -364,6 +366,7 @@ std::optional<nlohmann::json> SandboxNetwork::handleControl(const nlohmann::json
       }
       u.rules = std::move(*rules);
     }
+    u.callback_socket = request.value("callback_socket", "");
     if (Status st = update(u); !st) {
       return failure(st.error().message());
     }

@@ -56,6 +56,7 @@ struct NetworkConfig {
   std::string upstream_ca_file;          ///< extra CA bundle for upstream TLS ("" = system)
   std::vector<SecretBinding> secrets;
   std::vector<HttpRule> rules;  ///< interception rules (docs/egress.md)
+  std::string callback_socket;  ///< where the rules' SDK callbacks go ("" = none)
   std::string events_path;      ///< network events are appended here (JSON lines)
 };
 nlohmann::json toJson(const NetworkConfig& config);
@@ -70,6 +71,7 @@ struct EgressUpdate {
   std::vector<SecretBinding> secrets;
   std::map<std::string, std::string> values;  ///< name -> value; never logged or echoed
   std::vector<HttpRule> rules;                ///< the whole new set of interception rules
+  std::string callback_socket;                ///< and the socket their callbacks go to
 };
 
 /// One sandbox's network, owned by its supervisor (docs/egress.md "Sandbox plumbing"): a named

@@ -344,6 +344,7 @@ Result<std::string> launch(state::Store& store, const spec::SandboxSpec& spec,
     n.mtu = spec.network.mtu;
     n.allow_hosts = spec.network.allow_hosts;
     n.rules = spec.network.rules;
+    n.callback_socket = spec.network.callback_socket;
     n.block_private_ips = spec.network.block_private_ips;
     n.dns_servers = spec.network.dns_servers;
     n.upstream_ca_file = spec.network.upstream_ca;
@@ -734,7 +735,8 @@ Status updateLive(state::Store& store, const state::SandboxRecord& record,
                           {"allow_hosts", spec.network.allow_hosts},
                           {"block_private_ips", spec.network.block_private_ips},
                           {"secrets", std::move(secrets)},
-                          {"rules", net::toJson(spec.network.rules)}};
+                          {"rules", net::toJson(spec.network.rules)},
+                          {"callback_socket", spec.network.callback_socket}};
     if (auto done = request(req, "egress"); !done) {
       if (ports_before) {
         (void)request({{"op", "ports"}, {"action", "set"}, {"ports", *ports_before}}, "ports");

@@ -5,6 +5,7 @@
 #include <fmt/format.h>
 #include <netinet/tcp.h>
 #include <sys/time.h>
+#include <sys/un.h>
 
 #include <cerrno>
 #include <charconv>
@@ -187,6 +188,23 @@ Result<Fd> connectTcpNonBlocking(const SockAddr& addr) {
   (void)::setsockopt(fd.get(), IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
   if (::connect(fd.get(), addr.raw(), addr.len) != 0 && errno != EINPROGRESS) {
     return makeError(Errc::Unavailable, fmt::format("connect {}", addr.toString()), errno);
+  }
+  return fd;
+}
+
+Result<Fd> connectUnixNonBlocking(const std::string& path) {
+  sockaddr_un addr{};
+  addr.sun_family = AF_UNIX;
+  if (path.empty() || path.size() >= sizeof(addr.sun_path)) {
+    return makeError(Errc::InvalidSpec, fmt::format("bad Unix socket path '{}'", path));
+  }
+  std::memcpy(addr.sun_path, path.data(), path.size());
+  Fd fd(::socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0));
+  if (!fd) {
+    return makeError(Errc::System, "socket", errno);
+  }
+  if (::connect(fd.get(), reinterpret_cast<const sockaddr*>(&addr), sizeof(addr)) != 0) {
+    return makeError(Errc::Unavailable, fmt::format("connect {}", path), errno);
   }
   return fd;
 }

@@ -43,6 +43,10 @@ Result<Fd> bindUdp(const SockAddr& addr, bool allow_wildcard = false);
 /// socketError()).
 Result<Fd> connectTcpNonBlocking(const SockAddr& addr);
 
+/// A non-blocking, CLOEXEC connection to the Unix stream socket at `path`. Unix sockets connect
+/// at once or fail (a full backlog is EAGAIN: an error here, not a wait).
+Result<Fd> connectUnixNonBlocking(const std::string& path);
+
 /// accept4 with SOCK_NONBLOCK|SOCK_CLOEXEC. Returns an empty Fd on EAGAIN.
 Result<Fd> acceptNonBlocking(int listen_fd, SockAddr* peer = nullptr);
 
