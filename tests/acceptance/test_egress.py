@@ -317,3 +317,122 @@ def test_large_body_with_slow_reader(proxy):
     assert len(body) == 4194304
     n = last_event(proxy, "allowed.test")["network"]
     assert n["response_bytes"] == 4194304
+
+
+# ---- SDK callback rules (reference §4.8) ---------------------------------------------------------
+
+HOOK_RULES = [
+    {"name": "tag", "path": "/hook/tag", "callback_id": "tag", "set_headers": {"X-Static": "1"}},
+    {"name": "deny", "path": "/hook/deny", "callback_id": "deny"},
+    {"name": "slow", "path": "/hook/slow", "callback_id": "slow", "timeout_ms": 300},
+    {"name": "garbage", "path": "/hook/garbage", "callback_id": "garbage"},
+    {"name": "error", "path": "/hook/error", "callback_id": "error"},
+    {"name": "body", "phase": "after", "path": "/hook/body", "callback_id": "body"},
+    {"name": "sse", "phase": "after", "path": "/sse", "callback_id": "sse"},
+]
+
+
+@pytest.fixture
+def hooked(topo):
+    from framework.hook_server import HookServer
+    hooks = HookServer(topo.dir / "hooks.sock")
+    rules = topo.dir / "hook-rules.json"
+    rules.write_text(json.dumps({"rules": HOOK_RULES, "callback_socket": hooks.path}))
+    p = start_proxy(topo, "--allow", "allowed.test", "--secret", "API_KEY@allowed.test",
+                    "--rules", str(rules), env={"API_KEY": SECRET_VALUE})
+    try:
+        yield p, hooks
+    finally:
+        p.stop()
+        hooks.close()
+
+
+def test_callback_rules_mutate_and_block_requests(topo, hooked):
+    """The SDK's answer is what the server sees: headers replaced (Host kept), query and path
+    rewritten; secrets are substituted after the callback, which only ever sees placeholders; a
+    block answer is a 403 that never reaches the server."""
+    proxy, hooks = hooked
+    ph = proxy.ready["placeholders"]["API_KEY"]
+    code, body, err = proxy.curl("https://allowed.test/hook/tag?q=1", "-H",
+                                 f"Authorization: Bearer {ph}", resolve_ip=GOOD_IP)
+    assert code == 200, err
+    seen = [r for r in topo.server_requests() if r["path"].startswith("/hooked")][-1]
+    assert seen["path"] == "/hooked?from=sdk"
+    assert seen["headers"]["X-Hooked"] == "by-sdk"
+    assert seen["headers"]["X-Static"] == "1"  # the rule's own edits run before its call
+    assert seen["headers"]["Host"] == "allowed.test"
+    assert seen["headers"]["Authorization"] == f"Bearer {SECRET_VALUE}"
+    (call,) = hooks.calls_for("tag")
+    assert call["phase"] == "before" and call["host"] == "allowed.test"
+    assert call["method"] == "GET" and call["path"] == "/hook/tag" and call["query"] == {"q": "1"}
+    assert call["request_headers"]["Authorization"] == [f"Bearer {ph}"]
+    assert SECRET_VALUE not in json.dumps(hooks.calls)
+
+    before = len(topo.server_requests())
+    code, body, _ = proxy.curl("https://allowed.test/hook/deny", resolve_ip=GOOD_IP)
+    assert code == 403 and "request blocked by policy" in body
+    assert not [r for r in topo.server_requests()[before:] if r["path"] == "/hook/deny"]
+    n = last_event(proxy, "allowed.test")["network"]
+    assert n["blocked"] and n["block_reason"] == "request blocked by policy"
+    # Plain HTTP goes through the same rules.
+    code, _, _ = proxy.curl("http://allowed.test/hook/deny", resolve_ip=GOOD_IP)
+    assert code == 403
+
+
+def test_callback_failures_fail_open_within_the_deadline(topo, hooked):
+    """A callback that is too slow (timeout_ms 300, the handler sleeps 8 s and would block),
+    answers garbage, or reports an error skips its rule: the request goes on unchanged, and the
+    slow one is released by the deadline, well before curl's own 5 s limit."""
+    proxy, hooks = hooked
+    for name in ("slow", "garbage", "error"):
+        code, body, err = proxy.curl(f"https://allowed.test/hook/{name}", resolve_ip=GOOD_IP)
+        assert code == 200 and f"/hook/{name}" in body, (name, err)
+        assert len(hooks.calls_for(name)) == 1
+    log = (topo.dir / "proxy.stderr").read_text()
+    assert "callback rule slow on allowed.test: no answer within 300 ms" in log, log
+    assert "callback rule garbage on allowed.test: the answer is not a JSON object" in log, log
+    assert "the callback reported: the SDK handler raised" in log, log
+    # Keep-alive: two requests on one connection, each held for its callback in turn.
+    p = topo.ns(topo.client, "curl", "-sS", "--max-time", "5", "--cacert", proxy.ca_file,
+                "--resolve", f"allowed.test:443:{GOOD_IP}", "https://allowed.test/hook/error",
+                "https://allowed.test/hook/tag", check=False)
+    assert "hello from 198.51.100.10 /hook/error" in p.stdout, p.stderr
+    assert "hello from 198.51.100.10 /hooked" in p.stdout, p.stderr
+
+
+def test_callback_socket_missing_fails_open(topo):
+    rules = topo.dir / "nosock-rules.json"
+    rules.write_text(json.dumps({"rules": HOOK_RULES,
+                                 "callback_socket": str(topo.dir / "no-such.sock")}))
+    p = start_proxy(topo, "--allow", "allowed.test", "--rules", str(rules))
+    try:
+        code, body, _ = p.curl("https://allowed.test/hook/deny", resolve_ip=GOOD_IP)
+        assert code == 200 and "/hook/deny" in body
+    finally:
+        p.stop()
+
+
+def test_callback_rules_rewrite_responses(topo, hooked):
+    """After phase: the callback sees the status and both header sets (placeholders only), may
+    replace headers (the framing stays upstream's) and the whole body (its length recomputed),
+    and its body replacements stream through an SSE response."""
+    proxy, hooks = hooked
+    ph = proxy.ready["placeholders"]["API_KEY"]
+    p = topo.ns(topo.client, "curl", "-sS", "--max-time", "5", "--cacert", proxy.ca_file,
+                "--resolve", f"allowed.test:443:{GOOD_IP}", "-D", "-", "-H", f"X-Key: {ph}",
+                "https://allowed.test/hook/body", check=False)
+    head, _, body = p.stdout.replace("\r\n", "\n").partition("\n\n")
+    assert body == "replaced by the SDK\n", p.stdout + p.stderr
+    assert "x-sdk: yes" in head.lower()
+    assert f"content-length: {len(body)}" in head.lower()
+    (call,) = hooks.calls_for("body")
+    assert call["phase"] == "after" and call["status_code"] == 200 and call["is_sse"] is False
+    assert call["request_headers"]["X-Key"] == [ph]
+    assert call["response_headers"]["Content-Type"] == ["text/plain"]
+    assert SECRET_VALUE not in json.dumps(hooks.calls)
+
+    code, body, err = proxy.curl("https://allowed.test/sse", "-N", resolve_ip=GOOD_IP)
+    assert code == 200, err
+    assert body.split("\n\n")[:3] == ["data: SDK-EVENT 0", "data: SDK-EVENT 1",
+                                      "data: SDK-EVENT 2"], body
+    assert hooks.calls_for("sse")[-1]["is_sse"] is True

@@ -7,6 +7,7 @@ create, a client that disappears, keep_on_disconnect) boot their own.
 The server runs inside a network namespace this module creates (lo only), so the sandboxes'
 proxies and the port forwards' listeners live there and nothing can leave it."""
 import hashlib
+import json
 import os
 import signal
 import sqlite3
@@ -63,6 +64,9 @@ def env(tmp_path_factory, kernel, image_fixtures):
         web_root = base / "web"
         web_root.mkdir()
         (web_root / "hello.txt").write_text("hello from the test web server\n")
+        (web_root / "hook").mkdir()
+        for name in ("deny", "body"):
+            (web_root / "hook" / name).write_text(f"the web server's own {name}\n")
         web = subprocess.Popen(in_ns("python3", "-m", "http.server", "80", "--bind", WEB_IP,
                                      "--directory", str(web_root)),
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -88,11 +92,28 @@ def env(tmp_path_factory, kernel, image_fixtures):
 
 
 @pytest.fixture(scope="module")
-def rpc(env):
-    """One client with one created sandbox, shared by the method tests."""
+def hooks(env):
+    """The SDK side of callback rules: a Unix socket the shared sandbox's proxy calls."""
+    from framework.hook_server import HookServer
+    h = HookServer(env.base / "hooks.sock")
+    yield h
+    h.close()
+
+
+@pytest.fixture(scope="module")
+def rpc(env, hooks):
+    """One client with one created sandbox, shared by the method tests. Its network carries SDK
+    callback rules (reference §4.8) on web.test's /hook/ paths only."""
     c = env.client()
+    create = json.loads(json.dumps(CREATE))
+    create["network"]["interception"] = {
+        "callback_socket": hooks.path,
+        "rules": [{"name": "deny", "hosts": ["web.test"], "path": "/hook/deny",
+                   "callback_id": "deny"},
+                  {"name": "body", "phase": "after", "hosts": ["web.test"], "path": "/hook/body",
+                   "callback_id": "body", "timeout_ms": 10000}]}
     try:
-        res = c.call("create", CREATE, timeout=300)
+        res = c.call("create", create, timeout=300)
         c.vm_id = res["id"]
         yield c
         assert c.close(timeout_seconds=2) == {}
@@ -317,6 +338,27 @@ def test_allow_list_and_network_events(rpc, env):
     rpc.call("allow_list_delete", {"hosts": ["web.test"]})
     _, out, _ = exec_ok(rpc, curl)
     assert out.endswith((b" 403", b" 000")), out  # refused by the proxy, or no longer resolved
+
+
+def test_sdk_callback_rules_from_create(rpc, env, hooks):
+    """create's network.interception reaches the sandbox's proxy: a before-phase callback
+    blocks a request from the guest, an after-phase one replaces the body the guest reads."""
+    rpc.call("allow_list_add", {"hosts": ["web.test"]})
+    try:
+        _, out, _ = exec_ok(rpc, "curl -s -m 30 -w ' %{http_code}' http://web.test/hook/deny")
+        assert out.endswith(b" 403") and b"request blocked by policy" in out, out
+        assert [c["path"] for c in hooks.calls_for("deny")] == ["/hook/deny"]
+        _, out, _ = exec_ok(rpc, "curl -s -m 30 -D /tmp/h http://web.test/hook/body; cat /tmp/h")
+        assert out.startswith(b"replaced by the SDK\n"), out
+        assert b"x-sdk: yes" in out.lower(), out
+        (call,) = hooks.calls_for("body")
+        assert call["host"] == "web.test" and call["status_code"] == 200
+        # Other paths of the same host are not called back.
+        _, out, _ = exec_ok(rpc, "curl -s -m 30 http://web.test/hello.txt")
+        assert out == b"hello from the test web server\n"
+        assert len(hooks.calls) == 2
+    finally:
+        rpc.call("allow_list_delete", {"hosts": ["web.test"]})
 
 
 # ---- port forwards -----------------------------------------------------------------------------

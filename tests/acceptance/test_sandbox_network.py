@@ -18,6 +18,7 @@ import pytest
 
 from framework import egress
 from framework.egress import GOOD_IP, PRIVATE_IP, DNS_IP, run
+from framework.hook_server import HookServer
 
 pytestmark = [pytest.mark.need_root, pytest.mark.need_qemu]
 SECRET_VALUE = "sk-real-value-5c1d9e"
@@ -630,6 +631,18 @@ body_replacements = [ {{ find = "hello", replace = "HOWDY" }} ]
 """
 
 
+SDK_SOCKET = """
+[sandboxes.web.network.interception]
+callback_socket = "{sock}"
+"""
+SDK_RULE = """
+[[sandboxes.web.network.interception.rules]]
+name = "sdk"
+path = "/sdk/*"
+callback_id = "deny"
+"""
+
+
 def test_interception_rules_change_requests_and_responses_live(internet, agent_image, kernel,
                                                                tmp_path):
     """Spec network.interception.rules in the real proxy: a header set (and one removed) on the
@@ -667,13 +680,22 @@ def test_interception_rules_change_requests_and_responses_live(internet, agent_i
         n = last_event(sb, "allowed.test")
         assert n["blocked"] and n["block_reason"] == "request blocked by policy", n
 
-        # A rule edit is live.
-        proj.write(extra=RULES.format(tag="v2"), secret=False)
+        # A rule edit is live, and so is an SDK callback socket with its rule (§4.8).
+        hooks = HookServer(tmp_path / "hooks.sock")
+        proj.write(extra=SDK_SOCKET.format(sock=hooks.path) + RULES.format(tag="v2") + SDK_RULE,
+                   secret=False)
         p = proj.up()
         assert "~ update web" in p.stdout and "interception.rules changed" in p.stdout, p.stdout
+        assert "interception.callback_socket" in p.stdout, p.stdout
         assert proj.record()[1] == pid
         curl(sb, "https://allowed.test/tagged2")
         seen = [r for r in internet.server_requests() if r["path"] == "/tagged2"][-1]["headers"]
         assert seen.get("X-Matchlock-Rule") == "v2", seen
+        before = len(internet.server_requests())
+        code, body = curl(sb, "https://allowed.test/sdk/deny")
+        assert code == "403" and "request blocked by policy" in body, (code, body)
+        assert not [r for r in internet.server_requests()[before:] if r["path"] == "/sdk/deny"]
+        assert [c["path"] for c in hooks.calls_for("deny")] == ["/sdk/deny"]
+        hooks.close()
     finally:
         sb.ml("down", "-p", "rules", timeout=120)
