@@ -105,4 +105,17 @@ std::string toHex(std::string_view bytes) {
   return out;
 }
 
+std::string lastLines(std::string_view text, size_t n) {
+  std::vector<std::string> lines;
+  for (std::string& line : split(text, '\n')) {
+    if (!trim(line).empty()) {
+      lines.push_back(std::string(trim(line)));
+    }
+  }
+  if (lines.size() > n) {
+    lines.erase(lines.begin(), lines.end() - static_cast<std::ptrdiff_t>(n));
+  }
+  return join(lines, "\n");
+}
+
 }  // namespace matchlock

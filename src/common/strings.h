@@ -19,6 +19,9 @@ size_t editDistance(std::string_view a, std::string_view b);
 /// The candidate closest to `word` if it is close enough to be a plausible typo, else "".
 std::string closestMatch(std::string_view word, std::span<const std::string_view> candidates);
 
+/// The last `n` non-blank lines of `text`, joined with '\n' (error messages that quote a log).
+std::string lastLines(std::string_view text, size_t n);
+
 /// Hex encoding (lower case).
 std::string toHex(std::string_view bytes);
 

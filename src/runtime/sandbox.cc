@@ -538,7 +538,17 @@ Status waitReady(state::Store& store, const std::string& id, std::chrono::millis
                 r->status != state::SandboxStatus::Pending;
     bool gone = r && r->supervisor && !sys::isAlive(*r->supervisor);
     if (!r || dead || gone) {
-      std::string why = r && r->last_error ? *r->last_error : "the sandbox did not start";
+      if (r && r->last_error) {
+        return makeError(Errc::Unavailable, *r->last_error);
+      }
+      // The supervisor died without recording why (a crash): its log says what it last did.
+      std::string why = fmt::format("sandbox {} did not start: its supervisor exited", id);
+      if (auto root = runRoot()) {
+        const std::string log = runDirOf(*root, id) + "/supervisor.log";
+        if (auto text = readFile(log); text && !lastLines(*text, 5).empty()) {
+          why += fmt::format("; the end of {}:\n{}", log, lastLines(*text, 5));
+        }
+      }
       return makeError(Errc::Unavailable, why);
     }
     if (std::chrono::steady_clock::now() > deadline) {
@@ -739,7 +749,15 @@ Status updateLive(state::Store& store, const state::SandboxRecord& record,
                           {"callback_socket", spec.network.callback_socket}};
     if (auto done = request(req, "egress"); !done) {
       if (ports_before) {
-        (void)request({{"op", "ports"}, {"action", "set"}, {"ports", *ports_before}}, "ports");
+        auto back =
+            request({{"op", "ports"}, {"action", "set"}, {"ports", *ports_before}}, "ports");
+        if (!back) {
+          // Said, not hidden: the sandbox now publishes the new ports under the old egress.
+          return makeError(done.error().code(),
+                           fmt::format("{}; putting the previous ports back failed too: {} (the "
+                                       "next up applies the spec again)",
+                                       done.error().message(), back.error().message()));
+        }
       }
       return makeError(std::move(done).error());
     }

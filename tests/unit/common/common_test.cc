@@ -121,3 +121,9 @@ TEST_CASE("writeFileAtomic and readFile round trip") {
   ::unlink(path.c_str());
   ::rmdir(tmpl);
 }
+
+TEST_CASE("lastLines keeps the last non-blank lines", "[strings]") {
+  CHECK(matchlock::lastLines("a\n\nb\n  c  \n\n", 2) == "b\nc");
+  CHECK(matchlock::lastLines("only", 5) == "only");
+  CHECK(matchlock::lastLines("\n\n", 3).empty());
+}
