@@ -152,6 +152,14 @@ Result<Config> configFromJson(const nlohmann::json& j) {
 
 namespace {
 
+/// A state-store write the supervisor cannot act on (the sandbox goes on): logged, not lost.
+template <typename T>
+void logIfFailed(const Result<T>& st, std::string_view what) {
+  if (!st) {
+    ML_LOG(supervisor, warn, "state store: {}: {}", what, st.error().toString());
+  }
+}
+
 constexpr size_t kReadChunk = 64 * 1024;
 constexpr size_t kClientHighWater = 1024 * 1024;
 constexpr std::chrono::milliseconds kStopGrace{5000};
@@ -489,7 +497,7 @@ Status Supervisor::startNetwork(sys::SpawnOptions& qemu_opts) {
       for (auto [kind, name] : {std::pair{state::ResourceKind::Netns, n.netns},
                                 std::pair{state::ResourceKind::Tap, n.tap},
                                 std::pair{state::ResourceKind::NftTable, n.table}}) {
-        (void)store_->markResourceCreated(kind, name);
+        logIfFailed(store_->markResourceCreated(kind, name), "recording a network resource");
       }
     }
     config_.vm.tap_fd = network_->tapFd();
@@ -589,7 +597,8 @@ Status Supervisor::startHealth() {
     if (config_.healthcheck) {
       initial = "starting";
     }
-    (void)store_->updateSandboxHealth(config_.sandbox_id, initial, std::nullopt);
+    logIfFailed(store_->updateSandboxHealth(config_.sandbox_id, initial, std::nullopt),
+                "recording health");
   }
   auto on_change = [this](std::optional<health::State> state, const std::string& detail) {
     if (!store_) {
@@ -603,12 +612,12 @@ Status Supervisor::startHealth() {
     if (!detail.empty()) {
       why = detail;
     }
-    (void)store_->updateSandboxHealth(config_.sandbox_id, name, why);
+    logIfFailed(store_->updateSandboxHealth(config_.sandbox_id, name, why), "recording health");
     state::Event e;
     e.sandbox_id = config_.sandbox_id;
     e.kind = fmt::format("health.{}", name.value_or("none"));
     e.message = !detail.empty() ? detail : fmt::format("healthcheck: {}", name.value_or("none"));
-    (void)store_->appendEvent(e);
+    logIfFailed(store_->appendEvent(e), "recording a health event");
   };
   ML_ASSIGN_OR_RETURN(
       health_, health::Checker::create(loop_, config_.healthcheck,
@@ -826,8 +835,9 @@ void Supervisor::onReady(std::string_view status_json) {
          status_json);
   record(state::SandboxStatus::Running);
   if (store_) {
-    (void)store_->updateVmStatus(config_.sandbox_id, state::VmStatus::Running,
-                                 sys::ProcessRef{qemu_.pid(), qemu_.startTime()});
+    logIfFailed(store_->updateVmStatus(config_.sandbox_id, state::VmStatus::Running,
+                                       sys::ProcessRef{qemu_.pid(), qemu_.startTime()}),
+                "recording the VM as running");
   }
   for (auto& c : clients_) {
     if (c->have_request && c->port != 0 && c->stream == 0 && !c->closing) {
@@ -866,7 +876,7 @@ void Supervisor::startMainProcess() {
       e.sandbox_id = config_.sandbox_id;
       e.kind = "main.failed";
       e.message = "the main process could not be started: " + why;
-      (void)store_->appendEvent(e);
+      logIfFailed(store_->appendEvent(e), "recording main.failed");
     }
     return;
   }
@@ -1181,9 +1191,10 @@ void Supervisor::finish(Status status) {
     }
   }
   if (store_) {
-    (void)store_->updateVmStatus(config_.sandbox_id,
-                                 result_ ? state::VmStatus::Stopped : state::VmStatus::Crashed,
-                                 std::nullopt);
+    logIfFailed(store_->updateVmStatus(
+                    config_.sandbox_id,
+                    result_ ? state::VmStatus::Stopped : state::VmStatus::Crashed, std::nullopt),
+                "recording the VM's end");
   }
   listener_watch_.reset();
   health_.reset();   // no probe outlives the sandbox
