@@ -57,10 +57,10 @@ void HookClient::onEvent(uint32_t events) {
                          fmt::format("the answer is larger than {} bytes", kMaxAnswer)));
         return;
       }
-      // One JSON value, then a newline: done without waiting for the peer to close.
-      if (size_t nl = in_.find('\n', in_.size() - static_cast<size_t>(n));
-          nl != std::string::npos && nlohmann::json::accept(std::string_view(in_).substr(0, nl))) {
-        in_.resize(nl);
+      // One JSON value, then a newline: done without waiting for the peer to close. Checked
+      // only when the data so far ends with a newline (pretty-printed answers have others).
+      if (in_.back() == '\n' && nlohmann::json::accept(in_)) {
+        in_.pop_back();
         finish(std::move(in_));
         return;
       }

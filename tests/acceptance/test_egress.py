@@ -326,6 +326,7 @@ HOOK_RULES = [
     {"name": "deny", "path": "/hook/deny", "callback_id": "deny"},
     {"name": "slow", "path": "/hook/slow", "callback_id": "slow", "timeout_ms": 300},
     {"name": "garbage", "path": "/hook/garbage", "callback_id": "garbage"},
+    {"name": "pretty", "path": "/hook/pretty", "callback_id": "pretty", "timeout_ms": 4000},
     {"name": "error", "path": "/hook/error", "callback_id": "error"},
     {"name": "body", "phase": "after", "path": "/hook/body", "callback_id": "body"},
     {"name": "sse", "phase": "after", "path": "/sse", "callback_id": "sse"},
@@ -374,6 +375,10 @@ def test_callback_rules_mutate_and_block_requests(topo, hooked):
     assert not [r for r in topo.server_requests()[before:] if r["path"] == "/hook/deny"]
     n = last_event(proxy, "allowed.test")["network"]
     assert n["blocked"] and n["block_reason"] == "request blocked by policy"
+    # A pretty-printed answer ended by a newline counts at once, though the SDK keeps the
+    # connection open past the rule's deadline (else the rule would be skipped: a 200).
+    code, body, _ = proxy.curl("https://allowed.test/hook/pretty", resolve_ip=GOOD_IP)
+    assert code == 403 and "request blocked by policy" in body
     # Plain HTTP goes through the same rules.
     code, _, _ = proxy.curl("http://allowed.test/hook/deny", resolve_ip=GOOD_IP)
     assert code == 403

@@ -24,6 +24,8 @@ def _answer(req):
     if cb == "slow":
         time.sleep(8)
         return {"action": "block"}
+    if cb == "pretty":
+        return ("pretty", json.dumps({"action": "block"}, indent=2))
     if cb == "garbage":
         return "this is not json"
     if cb == "error":
@@ -51,9 +53,15 @@ class HookServer:
                 with outer.lock:
                     outer.calls.append(req)
                 ans = _answer(req)
+                linger = isinstance(ans, tuple)  # answer, then keep the connection open
+                if linger:
+                    ans = ans[1]
                 data = ans if isinstance(ans, str) else json.dumps(ans)
                 try:
                     self.wfile.write(data.encode() + b"\n")
+                    self.wfile.flush()
+                    if linger:
+                        time.sleep(8)
                 except OSError:
                     pass  # the proxy gave up waiting
 
