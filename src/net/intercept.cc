@@ -216,6 +216,14 @@ bool validHeaderValue(std::string_view v) {
   return std::ranges::none_of(v, [](char c) { return c == '\r' || c == '\n' || c == '\0'; });
 }
 
+/// A path a rule or a callback may put in the request line: absolute, no controls, no spaces,
+/// no '?' or '#' (the query is set separately).
+bool validRequestPath(std::string_view p) {
+  return p.starts_with('/') && std::ranges::none_of(p, [](char c) {
+           return static_cast<unsigned char>(c) <= 0x20 || c == 0x7f || c == '?' || c == '#';
+         });
+}
+
 }  // namespace
 
 nlohmann::json toJson(const std::vector<HttpRule>& rules) {
@@ -298,9 +306,7 @@ Result<std::vector<HttpRule>> httpRulesFromJson(const nlohmann::json& j) {
       r.delete_query = e.value("delete_query", std::vector<std::string>{});
       r.delete_response_headers = e.value("delete_response_headers", std::vector<std::string>{});
       r.rewrite_path = e.value("rewrite_path", "");
-      if (!r.rewrite_path.empty() &&
-          (r.rewrite_path[0] != '/' ||
-           r.rewrite_path.find_first_of(" \r\n\t?#") != std::string::npos)) {
+      if (!r.rewrite_path.empty() && !validRequestPath(r.rewrite_path)) {
         return fail("rewrite_path", "must be an absolute path without spaces, '?' or '#'");
       }
       const nlohmann::json replacements = e.value("body_replacements", nlohmann::json::array());
@@ -482,14 +488,16 @@ RuleStep HttpRules::after(std::string_view host, const http::Head& request, http
 
 namespace {
 
-/// A header map of the answer: name → string or list of strings.
-Result<std::vector<http::Header>> answerHeaders(const nlohmann::json& j, std::string_view where) {
+/// A map of the answer: name → string or list of strings. Header names must be tokens; query
+/// keys may be anything (they are percent-encoded when the target is rebuilt).
+Result<std::vector<http::Header>> answerMap(const nlohmann::json& j, std::string_view where,
+                                            bool header_names) {
   if (!j.is_object()) {
     return makeError(Errc::Protocol, fmt::format("{}: expected an object", where));
   }
   std::vector<http::Header> out;
   for (const auto& [name, v] : j.items()) {
-    if (!validHeaderName(name)) {
+    if (header_names && !validHeaderName(name)) {
       return makeError(Errc::Protocol, fmt::format("{}: '{}' is not a header name", where, name));
     }
     std::vector<std::string> values;
@@ -573,10 +581,10 @@ Result<HookAnswer> parseHookAnswer(std::string_view bytes) {
       return makeError(Errc::Protocol, "request: expected an object");
     }
     if (const auto* h = member(*req, "headers")) {
-      ML_ASSIGN_OR_RETURN(a.request_headers, answerHeaders(*h, "request.headers"));
+      ML_ASSIGN_OR_RETURN(a.request_headers, answerMap(*h, "request.headers", true));
     }
     if (const auto* q = member(*req, "query")) {
-      ML_ASSIGN_OR_RETURN(auto params, answerHeaders(*q, "request.query"));
+      ML_ASSIGN_OR_RETURN(auto params, answerMap(*q, "request.query", false));
       a.query.emplace();
       for (auto& p : params) {
         a.query->emplace_back(std::move(p.name), std::move(p.value));
@@ -588,9 +596,7 @@ Result<HookAnswer> parseHookAnswer(std::string_view bytes) {
       }
       std::string p = path->get<std::string>();
       if (!p.empty()) {
-        if (p[0] != '/' || std::ranges::any_of(p, [](char c) {
-              return static_cast<unsigned char>(c) <= 0x20 || c == 0x7f || c == '?' || c == '#';
-            })) {
+        if (!validRequestPath(p)) {
           return makeError(Errc::Protocol,
                            "request.path: must be an absolute path without spaces, '?' or '#'");
         }
@@ -603,7 +609,7 @@ Result<HookAnswer> parseHookAnswer(std::string_view bytes) {
       return makeError(Errc::Protocol, "response: expected an object");
     }
     if (const auto* h = member(*resp, "headers")) {
-      ML_ASSIGN_OR_RETURN(a.response_headers, answerHeaders(*h, "response.headers"));
+      ML_ASSIGN_OR_RETURN(a.response_headers, answerMap(*h, "response.headers", true));
     }
     if (const auto* br = member(*resp, "body_replacements")) {
       if (!br->is_array()) {

@@ -879,14 +879,11 @@ class Proxy::Connection {
         reject(req, 403, "Forbidden", "request blocked by policy", true);
         return false;
       }
-      req.rule_view.method = head.method;
-      req.rule_view.target = head.target;
-      if (rules->hasAfterCallbacks()) {
-        req.rule_view.headers = head.headers;
-      }
-    } else {
-      req.rule_view.method = head.method;
-      req.rule_view.target = head.target;
+    }
+    req.rule_view.method = head.method;
+    req.rule_view.target = head.target;
+    if (rules && rules->hasAfterCallbacks()) {
+      req.rule_view.headers = head.headers;
     }
     if (auto secrets = proxy_.secrets()) {
       SubstitutionResult s = secrets->apply(&head, host_);

@@ -545,8 +545,10 @@ Status waitReady(state::Store& store, const std::string& id, std::chrono::millis
       std::string why = fmt::format("sandbox {} did not start: its supervisor exited", id);
       if (auto root = runRoot()) {
         const std::string log = runDirOf(*root, id) + "/supervisor.log";
-        if (auto text = readFile(log); text && !lastLines(*text, 5).empty()) {
-          why += fmt::format("; the end of {}:\n{}", log, lastLines(*text, 5));
+        if (auto text = readFile(log)) {
+          if (std::string tail = lastLines(*text, 5); !tail.empty()) {
+            why += fmt::format("; the end of {}:\n{}", log, tail);
+          }
         }
       }
       return makeError(Errc::Unavailable, why);

@@ -1157,8 +1157,9 @@ class Decoder {
       names("delete_query", &r.delete_query);
       if (Json* f = field(item, ip, "rewrite_path")) {
         r.rewrite_path = getString(*f, at("rewrite_path")).value_or("");
-        if (!r.rewrite_path.starts_with("/") ||
-            r.rewrite_path.find_first_of(" \t\r\n?#") != std::string::npos) {
+        if (!r.rewrite_path.starts_with("/") || std::ranges::any_of(r.rewrite_path, [](char c) {
+              return static_cast<unsigned char>(c) <= 0x20 || c == 0x7f || c == '?' || c == '#';
+            })) {
           error(at("rewrite_path"), "must be an absolute path without spaces, '?' or '#'");
         }
       }

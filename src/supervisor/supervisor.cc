@@ -29,6 +29,7 @@
 #include "sys/ext4.h"
 #include "sys/process.h"
 #include "sys/process_ref.h"
+#include "sys/socket_util.h"
 #include "vm/qemu/qemu.h"
 
 namespace matchlock::supervisor {
@@ -212,21 +213,6 @@ Result<Fd> listenUnix(const std::string& path) {
   (void)::chmod(path.c_str(), 0600);
   if (::listen(fd.get(), 64) != 0) {
     return makeError(Errc::System, fmt::format("listen {}", path), errno);
-  }
-  return fd;
-}
-
-Result<Fd> connectUnix(const std::string& path) {
-  Fd fd(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0));
-  if (!fd) {
-    return makeError(Errc::System, "socket", errno);
-  }
-  sockaddr_un addr{};
-  addr.sun_family = AF_UNIX;
-  std::memcpy(addr.sun_path, path.c_str(), std::min(path.size() + 1, sizeof(addr.sun_path) - 1));
-  if (::connect(fd.get(), reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0) {
-    return makeError(errno == ENOENT ? Errc::NotFound : Errc::Unavailable,
-                     fmt::format("connect {}", path), errno);
   }
   return fd;
 }
@@ -640,7 +626,7 @@ void Supervisor::resetVfsStream(uint32_t stream, const Error& error) {
 }
 
 void Supervisor::tryConnectChannel() {
-  auto fd = connectUnix(config_.vm.channel_socket);
+  auto fd = sys::connectUnixNonBlocking(config_.vm.channel_socket);
   if (!fd) {
     (void)connect_timer_.arm(std::chrono::milliseconds(5));  // QEMU has not bound it yet
     return;

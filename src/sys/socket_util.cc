@@ -204,7 +204,8 @@ Result<Fd> connectUnixNonBlocking(const std::string& path) {
     return makeError(Errc::System, "socket", errno);
   }
   if (::connect(fd.get(), reinterpret_cast<const sockaddr*>(&addr), sizeof(addr)) != 0) {
-    return makeError(Errc::Unavailable, fmt::format("connect {}", path), errno);
+    return makeError(errno == ENOENT ? Errc::NotFound : Errc::Unavailable,
+                     fmt::format("connect {}", path), errno);
   }
   return fd;
 }

@@ -301,6 +301,12 @@ TEST_CASE("intercept: callback answers are validated whole", "[net][intercept][c
   CHECK_FALSE(h.find("user-agent"));
   CHECK(h.count("x-a") == 2);
   CHECK(h.target == "/v2?q=a%20b");
+  // Query keys are not header names: anything goes, percent-encoded.
+  auto q = parseHookAnswer(R"({"request":{"query":{"page[size]":"10","a b":["x"]}}})");
+  REQUIRE(q);
+  auto qh = request("GET", "/list?old=1");
+  CHECK_FALSE(applyBeforeAnswer(*q, &qh));
+  CHECK(qh.target == "/list?a%20b=x&page%5Bsize%5D=10");
   auto blocked = parseHookAnswer(R"({"action":"block"})");
   REQUIRE(blocked);
   CHECK(applyBeforeAnswer(*blocked, &h));
