@@ -4,6 +4,7 @@
 #include <arpa/inet.h>
 #include <fmt/format.h>
 #include <netinet/tcp.h>
+#include <sys/stat.h>
 #include <sys/time.h>
 #include <sys/un.h>
 
@@ -206,6 +207,28 @@ Result<Fd> connectUnixNonBlocking(const std::string& path) {
   if (::connect(fd.get(), reinterpret_cast<const sockaddr*>(&addr), sizeof(addr)) != 0) {
     return makeError(errno == ENOENT ? Errc::NotFound : Errc::Unavailable,
                      fmt::format("connect {}", path), errno);
+  }
+  return fd;
+}
+
+Result<Fd> listenUnix(const std::string& path, int backlog) {
+  Fd fd(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0));
+  if (!fd) {
+    return makeError(Errc::System, "socket", errno);
+  }
+  sockaddr_un addr{};
+  addr.sun_family = AF_UNIX;
+  if (path.size() >= sizeof(addr.sun_path)) {
+    return makeError(Errc::InvalidSpec, fmt::format("socket path too long: {}", path));
+  }
+  std::memcpy(addr.sun_path, path.c_str(), path.size() + 1);
+  (void)::unlink(path.c_str());
+  if (::bind(fd.get(), reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0) {
+    return makeError(Errc::System, fmt::format("bind {}", path), errno);
+  }
+  (void)::chmod(path.c_str(), 0600);
+  if (::listen(fd.get(), backlog) != 0) {
+    return makeError(Errc::System, fmt::format("listen {}", path), errno);
   }
   return fd;
 }

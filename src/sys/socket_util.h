@@ -47,6 +47,10 @@ Result<Fd> connectTcpNonBlocking(const SockAddr& addr);
 /// at once or fail (a full backlog is EAGAIN: an error here, not a wait).
 Result<Fd> connectUnixNonBlocking(const std::string& path);
 
+/// A non-blocking, CLOEXEC Unix stream listener at `path`, mode 0600 (a stale socket file there
+/// is replaced).
+Result<Fd> listenUnix(const std::string& path, int backlog = 64);
+
 /// accept4 with SOCK_NONBLOCK|SOCK_CLOEXEC. Returns an empty Fd on EAGAIN.
 Result<Fd> acceptNonBlocking(int listen_fd, SockAddr* peer = nullptr);
 
