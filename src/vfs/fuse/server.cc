@@ -15,6 +15,8 @@
 namespace matchlock::vfs::fuse {
 namespace {
 
+// FUSE_DIRECT_IO_ALLOW_MMAP (1 << 36: bit 4 of flags2), newer than the host's <linux/fuse.h>.
+constexpr uint32_t kDirectIoAllowMmap2 = 1U << 4;
 constexpr uint32_t kMinMinor = 26;  // Linux 4.20: every request layout below is fixed from here
 constexpr size_t kInHeader = sizeof(fuse_in_header);
 constexpr size_t kNameMax = 255;
@@ -177,6 +179,39 @@ Status Connection::process() {
   return ok();
 }
 
+Status Connection::handleMessage(std::string_view msg) {
+  if (msg.size() < kInHeader) {
+    return makeError(Errc::Protocol, fmt::format("vfs: a request of {} bytes", msg.size()));
+  }
+  fuse_in_header h{};
+  std::memcpy(&h, msg.data(), kInHeader);
+  if (h.len != msg.size() || msg.size() > maxRequest()) {
+    ++requests_;
+    replyError(h.unique, EINVAL);
+    return ok();
+  }
+  handle(msg);
+  return ok();
+}
+
+uint32_t Connection::openFlags(uint32_t flags, uint64_t size) const {
+  // A write-only file bypasses the guest's page cache: FUSE writes are write-through anyway
+  // (no writeback cache), so this only drops the guest's copy into the cache and lets the kernel
+  // hand the writer's own pages to the transport. A write-only descriptor cannot be mmap()ed, so
+  // nothing is lost; a reader elsewhere revalidates on the new mtime (FUSE_AUTO_INVAL_DATA).
+  if (limits_.direct_writes && (flags & O_ACCMODE) == O_WRONLY) {
+    return FOPEN_DIRECT_IO;
+  }
+  // A large file read-only: reads go straight into the reader's buffer (one copy, on the host)
+  // instead of through the guest's page cache (two, one of them emulated under TCG). Only when
+  // the guest kernel still allows MAP_SHARED mappings of such a file; small files stay cached.
+  if (direct_io_mmap_ && limits_.direct_read_min != 0 && (flags & O_ACCMODE) == O_RDONLY &&
+      size >= limits_.direct_read_min) {
+    return FOPEN_DIRECT_IO;
+  }
+  return 0;
+}
+
 size_t Connection::takeConsumed() {
   // Credit for what was served, plus for what is buffered up to one largest request: a request
   // larger than the stream window must be able to arrive whole before it can be served.
@@ -198,6 +233,10 @@ void Connection::reply(uint64_t unique, int error, std::string_view payload) {
   out.len = static_cast<uint32_t>(sizeof(out) + (error == 0 ? payload.size() : 0));
   out.error = error;
   out.unique = unique;
+  if (sink_) {
+    sink_(asBytes(out), error == 0 ? payload : std::string_view());
+    return;
+  }
   std::string msg;
   msg.reserve(out.len);
   msg.append(asBytes(out));
@@ -264,19 +303,35 @@ std::string Connection::childRel(const Node& parent, std::string_view name) cons
 }
 
 std::string Connection::guestPath(const std::string& rel) const {
-  // The guest path of the connection root is that of the mount at "" or, for a synthetic root,
-  // the common parent every mount's guest path shares.
+  // The deepest mount whose root is `rel` or above it names the path: its guest path plus the
+  // rest. Mount rels and guest paths need not share their tails (the virtio-fs root holds tree
+  // INDEX at rel "INDEX").
+  const MountPoint* owner = nullptr;
   for (const MountPoint& m : mounts_) {
-    if (m.rel.empty()) {
-      return rel.empty() ? m.guest_path : m.guest_path + "/" + rel;
+    const bool covers =
+        m.rel.empty() || rel == m.rel ||
+        (rel.size() > m.rel.size() && rel.starts_with(m.rel) && rel[m.rel.size()] == '/');
+    if (covers && (owner == nullptr || m.rel.size() > owner->rel.size())) {
+      owner = &m;
     }
   }
-  const MountPoint& m = mounts_.front();
-  std::string base = m.guest_path.substr(0, m.guest_path.size() - m.rel.size());
-  if (!base.empty() && base.back() == '/') {
-    base.pop_back();
+  if (owner != nullptr) {
+    if (rel.size() == owner->rel.size()) {
+      return owner->guest_path;
+    }
+    return owner->guest_path + "/" + rel.substr(owner->rel.empty() ? 0 : owner->rel.size() + 1);
   }
-  return rel.empty() ? base : base + "/" + rel;
+  // A synthetic directory above mounts: strip the components below it from a mount's path.
+  for (const MountPoint& m : mounts_) {
+    if (rel.empty() || (m.rel.starts_with(rel) && m.rel[rel.size()] == '/')) {
+      std::string base = m.guest_path.substr(0, m.guest_path.size() - (m.rel.size() - rel.size()));
+      while (base.size() > 1 && base.back() == '/') {
+        base.pop_back();
+      }
+      return base;
+    }
+  }
+  return "/" + rel;
 }
 
 bool Connection::isFixedRel(const std::string& rel) const {
@@ -582,6 +637,15 @@ void Connection::dispatch(Request& r) {
                             FUSE_PARALLEL_DIROPS | FUSE_MAX_PAGES | FUSE_CACHE_SYMLINKS |
                             FUSE_ASYNC_DIO;
       out.flags = flags & want;
+      // INIT's second flag word (7.36+): a guest kernel that lets FOPEN_DIRECT_IO files be
+      // mmap()ed MAP_SHARED (ours does, docs/vfs.md) gets large reads without its page cache.
+      uint32_t flags2 = 0;
+      if ((flags & FUSE_INIT_EXT) != 0 && r.body.get(&flags2) &&
+          (flags2 & kDirectIoAllowMmap2) != 0) {
+        out.flags |= FUSE_INIT_EXT;
+        out.flags2 = kDirectIoAllowMmap2;
+        direct_io_mmap_ = true;
+      }
       out.max_readahead = std::min<uint32_t>(max_readahead, limits_.max_write);
       out.max_background = 64;
       out.congestion_threshold = 48;
@@ -915,6 +979,11 @@ void Connection::dispatch(Request& r) {
       handles_[id] = Handle{r.h.nodeid, mount, *fh, false, false, {}};
       fuse_open_out out{};
       out.fh = id;
+      uint64_t size = 0;
+      if (auto st = p->getattr(node->local); st) {
+        size = static_cast<uint64_t>(st->st_size);
+      }
+      out.open_flags = openFlags(in.flags, size);
       reply(u, 0, asBytes(out));
       return;
     }
@@ -942,6 +1011,7 @@ void Connection::dispatch(Request& r) {
       handles_[fh] = Handle{id, mount, res->second, false, false, {}};
       fuse_open_out open_out{};
       open_out.fh = fh;
+      open_out.open_flags = openFlags(in.flags, 0);
       reply(u, 0, entryOut(id, attr) + std::string(asBytes(open_out)));
       return;
     }
@@ -961,7 +1031,7 @@ void Connection::dispatch(Request& r) {
       if (!allowed(Op::Read, node->rel)) {
         return;
       }
-      std::string data;
+      std::string& data = read_buf_;
       auto res = p->read(h->local, in.offset, std::min(in.size, limits_.max_write), data);
       event(Op::Read, node->rel, mount, data.size(), res ? 0 : res.error());
       if (!res) {

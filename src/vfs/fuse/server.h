@@ -29,6 +29,10 @@ struct Limits {
   uint32_t attr_timeout_ms = 1000;
   uint32_t entry_timeout_ms = 1000;
   size_t max_dir_snapshot = 1U << 20;  ///< entries of one directory listing
+  bool direct_writes = true;           ///< write-only opens bypass the guest page cache
+  /// Read-only opens of files at least this large bypass it too, when the guest kernel allows
+  /// shared mappings of such files (FUSE_DIRECT_IO_ALLOW_MMAP); 0 = never.
+  uint64_t direct_read_min = 8U << 20;
 };
 
 using EventFn = std::function<void(const FileEvent&)>;
@@ -59,6 +63,12 @@ class Connection {
   /// framed: a length below a header or above the largest request we accept. Requests that
   /// frame but do not parse are answered with an errno.
   Status receive(std::string_view bytes);
+  /// Serves one request that arrived whole, as on a virtqueue: its header's length must be the
+  /// message's (else it is answered EINVAL). The reply, if the request has one, has gone out
+  /// through `send` when this returns. Fails only for a message shorter than a header.
+  Status handleMessage(std::string_view msg);
+  /// The largest request we accept (a WRITE of max_write with its headers).
+  size_t maxRequestSize() const { return maxRequest(); }
   /// Processes requests that were held back (see setGate()).
   Status process();
   /// Bytes the stream may grant back to the guest since the last call: those of requests served,
@@ -66,6 +76,10 @@ class Connection {
   /// can arrive). Credit follows processing, so a guest that does not read its replies stops
   /// being served instead of making the host buffer them.
   size_t takeConsumed();
+  /// Replies go to `sink` (the header and the payload, unjoined) instead of `send`: a transport
+  /// that copies them into place (a virtqueue chain) saves building each reply twice.
+  using SinkFn = std::function<void(std::string_view header, std::string_view payload)>;
+  void setSink(SinkFn sink) { sink_ = std::move(sink); }
   /// Requests are processed only while `may_reply` says so (e.g. while the stream's queued
   /// output is below a bound); the rest stays buffered until process().
   void setGate(std::function<bool()> may_reply) { may_reply_ = std::move(may_reply); }
@@ -118,10 +132,13 @@ class Connection {
   int hook(Op op, const std::string& rel, int mount);
   void event(Op op, const std::string& rel, int mount, uint64_t size, int error);
   std::string entryOut(uint64_t id, const struct stat& attr) const;
+  uint32_t openFlags(uint32_t flags, uint64_t size) const;
   std::string attrOut(const struct stat& attr) const;
 
   std::vector<MountPoint> mounts_;
   SendFn send_;
+  SinkFn sink_;
+  std::string read_buf_;  ///< reused by every READ: no megabyte allocation per request
   EventFn events_;
   Limits limits_;
   std::string in_;
@@ -131,6 +148,7 @@ class Connection {
   std::function<bool()> may_reply_;
   bool failed_ = false;
   bool initialized_ = false;
+  bool direct_io_mmap_ = false;  ///< the guest kernel allows MAP_SHARED on FOPEN_DIRECT_IO files
   uint32_t proto_minor_ = 0;
   uint64_t requests_ = 0;
   uint64_t next_node_ = 2;  // 1 is FUSE_ROOT_ID

@@ -132,6 +132,26 @@ class Harness {
     return {e.nodeid, o.fh};
   }
 
+  /// Writes one byte at `offset - 1`: the file is then `offset` bytes long (sparse).
+  void grow(uint64_t node, uint64_t fh, uint64_t offset) {
+    fuse_write_in w{};
+    w.fh = fh;
+    w.offset = offset - 1;
+    w.size = 1;
+    REQUIRE(call(FUSE_WRITE, node, bytesOf(w) + "y").h.error == 0);
+  }
+
+  /// FUSE_OPEN with `flags`; returns the reply's open_flags.
+  uint32_t openFlags(uint64_t node, uint32_t flags) {
+    fuse_open_in oi{};
+    oi.flags = flags;
+    Reply o = call(FUSE_OPEN, node, bytesOf(oi));
+    REQUIRE(o.h.error == 0);
+    fuse_open_out oo{};
+    std::memcpy(&oo, o.body.data(), sizeof(oo));
+    return oo.open_flags;
+  }
+
   std::vector<std::string> list(uint64_t dir, uint32_t opcode = FUSE_READDIR) {
     fuse_open_in oi{};
     Reply o = call(FUSE_OPENDIR, dir, bytesOf(oi));
@@ -440,4 +460,39 @@ TEST_CASE("a request larger than the stream window gets credit to arrive whole")
   REQUIRE(h.conn_->receive(msg.substr(256 * 1024)));
   CHECK(h.replies.size() == before + 1);
   CHECK(h.replies.back().h.error == 0);
+}
+
+TEST_CASE("write-only and large read-only opens bypass the guest page cache") {
+  ProviderPtr mem = memory();
+  Harness h({MountPoint{"", "/workspace", mem.get(), nullptr}});
+  // INIT from a kernel that offers FUSE_DIRECT_IO_ALLOW_MMAP in its second flag word.
+  fuse_init_in in{};
+  in.major = 7;
+  in.minor = 38;
+  in.max_readahead = 128 * 1024;
+  in.flags = FUSE_ASYNC_READ | FUSE_MAX_PAGES | FUSE_INIT_EXT;
+  in.flags2 = 1U << 4;
+  Reply r = h.call(FUSE_INIT, 0, bytesOf(in));
+  REQUIRE(r.h.error == 0);
+  fuse_init_out out{};
+  std::memcpy(&out, r.body.data(), sizeof(out));
+  CHECK((out.flags & FUSE_INIT_EXT) != 0);
+  CHECK(out.flags2 == (1U << 4));
+  auto [small, small_fh] = h.create(FUSE_ROOT_ID, "small", "tiny");
+  auto [big, big_fh] = h.create(FUSE_ROOT_ID, "big", std::string(1U << 20, 'x'));
+  h.grow(big, big_fh, 8U << 20);  // the threshold: 8 MiB
+  CHECK(h.openFlags(small, O_WRONLY) == FOPEN_DIRECT_IO);
+  CHECK(h.openFlags(small, O_RDONLY) == 0);
+  CHECK(h.openFlags(small, O_RDWR) == 0);
+  CHECK(h.openFlags(big, O_RDONLY) == FOPEN_DIRECT_IO);
+  CHECK(h.openFlags(big, O_RDWR) == 0);
+}
+
+TEST_CASE("without the kernel's mmap allowance large reads keep the page cache") {
+  ProviderPtr mem = memory();
+  Harness h({MountPoint{"", "/workspace", mem.get(), nullptr}});
+  h.init();  // no FUSE_INIT_EXT
+  auto [big, fh] = h.create(FUSE_ROOT_ID, "big", "x");
+  h.grow(big, fh, 9U << 20);
+  CHECK(h.openFlags(big, O_RDONLY) == 0);
 }
