@@ -40,6 +40,10 @@ struct VmConfig {
   /// The NIC: an open TAP queue fd the VMM inherits at the same number (-1 = no NIC at all).
   int tap_fd = -1;
   std::string mac;
+  /// A virtio-fs device served over vhost-user at this socket ("" = none). The guest's RAM is
+  /// then a shared memfd, so that the backend can map it.
+  std::string vhost_user_fs_socket;
+  std::string vhost_user_fs_tag;
 };
 
 /// vCPU count for a fractional CPU request.

@@ -64,10 +64,12 @@ Result<sys::ChildProcess> QemuBackend::start(const VmConfig& config, const sys::
 }
 
 std::vector<std::string> buildArgv(const VmConfig& c, const std::string& qemu_binary) {
+  const bool shared_memory = !c.vhost_user_fs_socket.empty();
   std::vector<std::string> argv = {
       qemu_binary,
       "-M",
-      "microvm,x-option-roms=off,rtc=off,acpi=off",
+      fmt::format("microvm,x-option-roms=off,rtc=off,acpi=off{}",
+                  shared_memory ? ",memory-backend=mem" : ""),
       "-nodefaults",
       "-no-user-config",
       "-nographic",
@@ -82,6 +84,14 @@ std::vector<std::string> buildArgv(const VmConfig& c, const std::string& qemu_bi
     argv.insert(argv.end(), {"-accel", "kvm", "-cpu", "host,arch-capabilities=off"});
   } else {
     argv.insert(argv.end(), {"-accel", "tcg"});
+  }
+  if (shared_memory) {
+    // A vhost-user backend maps the guest's RAM: it must be a shared memfd. Modern virtio-mmio:
+    // virtio-fs wants VIRTIO_F_VERSION_1, which the legacy transport (microvm's default) lacks.
+    argv.insert(
+        argv.end(),
+        {"-object", fmt::format("memory-backend-memfd,id=mem,size={}M,share=on", c.memory_mib),
+         "-global", "virtio-mmio.force-legacy=false"});
   }
   argv.insert(argv.end(), {"-kernel", c.kernel, "-initrd", c.initramfs});
   std::vector<std::string> params = {"console=ttyS0", "reboot=t", "panic=-1", "quiet"};
@@ -108,6 +118,15 @@ std::vector<std::string> buildArgv(const VmConfig& c, const std::string& qemu_bi
                 {"-device", "virtio-serial-device", "-chardev",
                  fmt::format("socket,id=channel,path={},server=on,wait=off", c.channel_socket),
                  "-device", "virtserialport,chardev=channel,name=matchlock.0"});
+  }
+  if (shared_memory) {
+    // queue-size 1024: the driver caps a request at (queue size - 4) pages, so 1024 lets a READ
+    // or WRITE carry a whole MiB (FUSE's 256-page maximum) in one chain.
+    argv.insert(
+        argv.end(),
+        {"-chardev", fmt::format("socket,id=vfs,path={}", c.vhost_user_fs_socket), "-device",
+         fmt::format("vhost-user-fs-device,chardev=vfs,tag={},queue-size=1024",
+                     c.vhost_user_fs_tag)});
   }
   if (!c.control_socket.empty()) {
     argv.insert(argv.end(), {"-qmp", fmt::format("unix:{},server=on,wait=off", c.control_socket)});

@@ -105,6 +105,17 @@ TEST_CASE("QEMU argv for a microvm") {
   CHECK(contains(argv, "virtserialport,chardev=channel,name=matchlock.0"));
   CHECK(contains(argv, "unix:/run/x/qmp.sock,server=on,wait=off"));
   CHECK(contains(argv, "console=ttyS0 reboot=t panic=-1 quiet matchlock.root=serial:image"));
+  CHECK_FALSE(contains(argv, "vhost-user-fs-device,chardev=vfs,tag=matchlock,queue-size=1024"));
+  // A virtio-fs device: shared memfd RAM, modern virtio-mmio, the vhost-user socket.
+  c.vhost_user_fs_socket = "/run/x/vfs.sock";
+  c.vhost_user_fs_tag = "matchlock";
+  auto fs = vm::qemu::buildArgv(c, "qemu-system-x86_64");
+  CHECK(contains(fs, "microvm,x-option-roms=off,rtc=off,acpi=off,memory-backend=mem"));
+  CHECK(contains(fs, "memory-backend-memfd,id=mem,size=1024M,share=on"));
+  CHECK(contains(fs, "virtio-mmio.force-legacy=false"));
+  CHECK(contains(fs, "socket,id=vfs,path=/run/x/vfs.sock"));
+  CHECK(contains(fs, "vhost-user-fs-device,chardev=vfs,tag=matchlock,queue-size=1024"));
+  c.vhost_user_fs_socket.clear();
   c.accel = vm::Accel::Kvm;
   auto kvm = vm::qemu::buildArgv(c, "qemu-system-x86_64");
   CHECK(contains(kvm, "kvm"));
