@@ -13,7 +13,7 @@ ML_DEPS=(
   # images: rootfs disks (mke2fs, debugfs, e2fsck), test images and local registries
   e2fsprogs busybox-static debootstrap docker-registry skopeo openssl apache2-utils
   # guest kernel (guest/kernel/build.sh) and the VMM
-  linux-source-6.1 bc bison flex libelf-dev cpio xz-utils qemu-system-x86 busybox-static
+  linux-source-6.1 patch bc bison flex libelf-dev cpio xz-utils qemu-system-x86 busybox-static
   # egress proxy: tests/acceptance/test_egress.py and bench/egress.sh
   iproute2 nftables curl dnsmasq-base mitmproxy nginx-light
 )

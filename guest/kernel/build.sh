@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # SPDX-License-Identifier: Apache-2.0
-# Builds the guest vmlinux from Debian's linux-source-6.1 with matchlock.config on top of
-# tinyconfig, cached under ${XDG_CACHE_HOME:-~/.cache}/matchlock/kernels/<key>/vmlinux where <key>
-# hashes the fragment, this script and the linux-source package version. Prints the path.
+# Builds the guest vmlinux from Debian's linux-source-6.1 with patches/*.patch applied and
+# matchlock.config on top of tinyconfig, cached under
+# ${XDG_CACHE_HOME:-~/.cache}/matchlock/kernels/<key>/vmlinux where <key> hashes the fragment, the
+# patches, this script and the linux-source package version. Prints the path.
 #   guest/kernel/build.sh [--print-key]
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -13,7 +14,8 @@ if [[ ! -f $tarball ]]; then
   exit 66
 fi
 src_version=$(dpkg-query -W -f='${Version}' linux-source-6.1)
-key=$(cat "$fragment" "$0" <(echo "$src_version") | sha256sum | cut -c1-16)
+patches=("$here"/patches/*.patch)
+key=$(cat "$fragment" "$0" "${patches[@]}" <(echo "$src_version") | sha256sum | cut -c1-16)
 if [[ "${1:-}" == "--print-key" ]]; then
   echo "$key"
   exit 0
@@ -29,6 +31,9 @@ trap 'rm -rf "$work"' EXIT
 echo "build.sh: building guest kernel $key (linux-source $src_version) in $work" >&2
 tar -C "$work" -xf "$tarball"
 cd "$work"/linux-source-6.1
+for p in "${patches[@]}"; do
+  patch -s -p1 <"$p" >&2
+done
 make -s tinyconfig >&2
 scripts/kconfig/merge_config.sh -m .config "$fragment" >/dev/null
 make -s olddefconfig >&2
