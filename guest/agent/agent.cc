@@ -141,6 +141,15 @@ void Agent::newMux() {
 
 std::string Agent::startVfs() {
   std::string error;
+  if (!vfs_mounted_ && !options_.vfs.empty() && !options_.vfs.front().virtiofs.empty()) {
+    // virtio-fs: the kernel speaks to the host's device itself; nothing to relay.
+    vfs_mounted_ = true;
+    if (Status st = mountVirtioFs(options_.vfs); !st) {
+      error = st.error().toString();
+      logLine("vfs: {}", error);
+    }
+    return error;
+  }
   if (!vfs_mounted_) {
     vfs_mounted_ = true;
     for (const VfsRelay::Spec& spec : options_.vfs) {

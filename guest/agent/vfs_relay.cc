@@ -5,6 +5,7 @@
 #include <fmt/format.h>
 #include <linux/fuse.h>
 #include <sys/mount.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <cerrno>
@@ -60,6 +61,53 @@ Result<std::unique_ptr<VfsRelay>> VfsRelay::mount(ev::Loop& loop, const Spec& sp
     return makeError(Errc::System, fmt::format("mounting {}", spec.target), errno);
   }
   return std::unique_ptr<VfsRelay>(new VfsRelay(loop, spec, std::move(fd)));
+}
+
+Status mountVirtioFs(const std::vector<VfsRelay::Spec>& trees) {
+  if (trees.empty()) {
+    return ok();
+  }
+  const std::string staging = "/run/matchlock-vfs";
+  const std::string& tag = trees.front().virtiofs;
+  if (::mkdir(staging.c_str(), 0700) != 0 && errno != EEXIST) {
+    return makeError(Errc::System, "creating " + staging, errno);
+  }
+  if (::mount(tag.c_str(), staging.c_str(), "virtiofs", MS_NOSUID | MS_NODEV, nullptr) != 0) {
+    return makeError(Errc::System, fmt::format("mounting virtio-fs device '{}'", tag), errno);
+  }
+  Status result = ok();
+  for (const VfsRelay::Spec& spec : trees) {
+    std::error_code ec;
+    std::filesystem::path target(spec.target);
+    std::filesystem::create_directories(spec.file ? target.parent_path() : target, ec);
+    if (ec) {
+      result = makeError(Errc::System,
+                         fmt::format("mount {}: creating it: {}", spec.target, ec.message()));
+      break;
+    }
+    if (spec.file) {
+      Fd placeholder(::open(spec.target.c_str(), O_WRONLY | O_CREAT | O_CLOEXEC, 0644));
+      if (!placeholder) {
+        result = makeError(Errc::System, fmt::format("mount {}: creating it", spec.target), errno);
+        break;
+      }
+    }
+    const std::string source = fmt::format("{}/{}", staging, spec.index);
+    unsigned long flags =
+        MS_BIND | MS_REMOUNT | MS_NOSUID | MS_NODEV;  // NOLINT(google-runtime-int)
+    if (spec.read_only) {
+      flags |= MS_RDONLY;
+    }
+    if (::mount(source.c_str(), spec.target.c_str(), nullptr, MS_BIND, nullptr) != 0 ||
+        ::mount(nullptr, spec.target.c_str(), nullptr, flags, nullptr) != 0) {
+      result = makeError(Errc::System, fmt::format("mount {}", spec.target), errno);
+      break;
+    }
+  }
+  // The binds keep the filesystem; the staging view of it goes.
+  (void)::umount2(staging.c_str(), MNT_DETACH);
+  (void)::rmdir(staging.c_str());
+  return result;
 }
 
 VfsRelay::~VfsRelay() {

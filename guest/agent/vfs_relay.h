@@ -6,6 +6,7 @@
 #include <memory>
 #include <string>
 #include <string_view>
+#include <vector>
 
 #include "common/fd.h"
 #include "common/result.h"
@@ -27,7 +28,8 @@ class VfsRelay {
     uint32_t index = 0;  ///< the host's tree index (sent in the stream preamble)
     std::string target;
     bool read_only = false;
-    bool file = false;  ///< the tree is a single file: mounted on a file
+    bool file = false;     ///< the tree is a single file: mounted on a file
+    std::string virtiofs;  ///< the virtio-fs device's tag: served there, not relayed
   };
 
   /// Opens /dev/fuse and mounts it at the target (created when missing). The kernel queues its
@@ -69,5 +71,11 @@ class VfsRelay {
   std::unique_ptr<HostileReplies> hostile_;
 #endif
 };
+
+/// The virtio-fs transport (docs/vfs.md): mounts the host's device `tag` once on a private staging
+/// directory, binds tree INDEX (its root's entry "INDEX") onto each target (nosuid, nodev, and
+/// read-only where asked), then detaches the staging mount so that only the targets remain.
+/// The kernel talks to the host itself: nothing is relayed by the agent.
+Status mountVirtioFs(const std::vector<VfsRelay::Spec>& trees);
 
 }  // namespace matchlock::guest

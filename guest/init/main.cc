@@ -440,6 +440,7 @@ std::string setupCgroup(const std::string& cpus) {
         spec.target = m.value("target", "");
         spec.read_only = m.value("ro", false);
         spec.file = m.value("file", false);
+        spec.virtiofs = m.value("virtiofs", "");
         if (spec.target.starts_with("/")) {
           vfs.push_back(std::move(spec));
         }

@@ -450,6 +450,14 @@ Result<std::string> launch(state::Store& store, const spec::SandboxSpec& spec,
     cfg.vfs.mounts.push_back(std::move(mc));
   }
   cfg.vfs.events_path = events_path;
+  if (const char* t = std::getenv("MATCHLOCK_VFS_TRANSPORT"); t != nullptr && *t != '\0') {
+    auto transport = vfs::transportFromString(t);
+    if (!transport) {
+      return fail(Error(Errc::InvalidSpec,
+                        fmt::format("MATCHLOCK_VFS_TRANSPORT={}: expected virtiofs or stream", t)));
+    }
+    cfg.vfs.transport = *transport;
+  }
   std::map<std::string, std::string> resolved;
   const std::map<std::string, std::string>* values = options.secret_values;
   if (values == nullptr && !spec.secrets.empty()) {

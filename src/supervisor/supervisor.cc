@@ -195,28 +195,6 @@ Status keepUpperDisk(const std::string& path, int64_t mib) {
   return runTool({"resize2fs", path}, path + ".resize.log");
 }
 
-Result<Fd> listenUnix(const std::string& path) {
-  Fd fd(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0));
-  if (!fd) {
-    return makeError(Errc::System, "socket", errno);
-  }
-  sockaddr_un addr{};
-  addr.sun_family = AF_UNIX;
-  if (path.size() >= sizeof(addr.sun_path)) {
-    return makeError(Errc::InvalidSpec, fmt::format("socket path too long: {}", path));
-  }
-  std::memcpy(addr.sun_path, path.c_str(), path.size() + 1);
-  (void)::unlink(path.c_str());
-  if (::bind(fd.get(), reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0) {
-    return makeError(Errc::System, fmt::format("bind {}", path), errno);
-  }
-  (void)::chmod(path.c_str(), 0600);
-  if (::listen(fd.get(), 64) != 0) {
-    return makeError(Errc::System, fmt::format("listen {}", path), errno);
-  }
-  return fd;
-}
-
 /// Reads the secret values the launcher wrote into `fd` (one JSON object, to EOF, bounded).
 Result<std::map<std::string, std::string>> readSecretValues(int fd) {
   std::map<std::string, std::string> values;
@@ -414,7 +392,7 @@ Status Supervisor::start() {
                            ? keepUpperDisk(config_.upper_disk_path, config_.upper_disk_mib)
                            : makeUpperDisk(config_.upper_disk_path, config_.upper_disk_mib));
   }
-  ML_ASSIGN_OR_RETURN(listener_, listenUnix(controlSocketPath(config_.run_dir)));
+  ML_ASSIGN_OR_RETURN(listener_, sys::listenUnix(controlSocketPath(config_.run_dir)));
   ML_ASSIGN_OR_RETURN(listener_watch_,
                       loop_.watch(listener_.get(), ev::kRead, [this](uint32_t) { onAccept(); }));
   ML_RETURN_IF_ERROR(watchOwner());
@@ -528,6 +506,13 @@ Status Supervisor::startVfs() {
   };
   channel.pending = [this](uint32_t stream) { return mux_ ? mux_->pendingBytes(stream) : 0; };
   ML_ASSIGN_OR_RETURN(vfs_, vfs::SandboxVfs::create(config_.vfs, std::move(channel)));
+  if (config_.vfs.transport == vfs::Transport::VirtioFs) {
+    const std::string socket = config_.run_dir + "/vfs.sock";
+    ML_RETURN_IF_ERROR(
+        vfs_->serveVirtioFs(loop_, socket, fmt::format("sandbox {}", config_.sandbox_id)));
+    config_.vm.vhost_user_fs_socket = socket;
+    config_.vm.vhost_user_fs_tag = std::string(vfs::kVirtioFsTag);
+  }
   return ok();
 }
 

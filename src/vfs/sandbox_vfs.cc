@@ -113,6 +113,19 @@ std::optional<MountKind> mountKindFromString(std::string_view name) {
   return std::nullopt;
 }
 
+std::string_view toString(Transport transport) {
+  return transport == Transport::Stream ? "stream" : "virtiofs";
+}
+
+std::optional<Transport> transportFromString(std::string_view name) {
+  for (Transport t : {Transport::VirtioFs, Transport::Stream}) {
+    if (toString(t) == name) {
+      return t;
+    }
+  }
+  return std::nullopt;
+}
+
 nlohmann::json toJson(const VfsConfig& config) {
   nlohmann::json mounts = nlohmann::json::array();
   for (const MountConfig& m : config.mounts) {
@@ -135,7 +148,9 @@ nlohmann::json toJson(const VfsConfig& config) {
                       {"memory_max_bytes", m.memory_max_bytes},
                       {"hooks", {{"rules", rules}, {"emit_events", m.hooks.emit_events}}}});
   }
-  return {{"mounts", mounts}, {"events_path", config.events_path}};
+  return {{"mounts", mounts},
+          {"events_path", config.events_path},
+          {"transport", toString(config.transport)}};
 }
 
 Result<VfsConfig> vfsConfigFromJson(const nlohmann::json& j) {
@@ -145,6 +160,11 @@ Result<VfsConfig> vfsConfigFromJson(const nlohmann::json& j) {
   }
   try {
     c.events_path = j.value("events_path", "");
+    auto transport = transportFromString(j.value("transport", "virtiofs"));
+    if (!transport) {
+      return makeError(Errc::InvalidSpec, "vfs: unknown transport " + j.value("transport", ""));
+    }
+    c.transport = *transport;
     for (const auto& m : j.value("mounts", nlohmann::json::array())) {
       MountConfig mc;
       mc.target = m.at("target").get<std::string>();
@@ -181,6 +201,7 @@ Result<VfsConfig> vfsConfigFromJson(const nlohmann::json& j) {
 
 Result<std::unique_ptr<SandboxVfs>> SandboxVfs::create(const VfsConfig& config, Channel channel) {
   std::unique_ptr<SandboxVfs> v(new SandboxVfs(std::move(channel)));
+  v->transport_ = config.transport;
   ML_RETURN_IF_ERROR(v->openMounts(config));
   if (!config.events_path.empty()) {
     ML_ASSIGN_OR_RETURN(v->events_, EventLog::shared(config.events_path));
@@ -190,6 +211,7 @@ Result<std::unique_ptr<SandboxVfs>> SandboxVfs::create(const VfsConfig& config, 
 
 SandboxVfs::~SandboxVfs() {
   streams_.clear();  // connections first: they hand their nodes back to the providers
+  device_.reset();
 }
 
 Status SandboxVfs::openMounts(const VfsConfig& config) {
@@ -282,10 +304,58 @@ nlohmann::json SandboxVfs::bootConfig() const {
     Provider& root = *mounts_[trees_[i].mounts.front()].provider;
     auto st = root.getattr(root.rootNode());
     bool file = st && S_ISREG(st->st_mode);
-    out.push_back(
-        {{"index", i}, {"target", trees_[i].target}, {"ro", trees_[i].read_only}, {"file", file}});
+    nlohmann::json tree = {
+        {"index", i}, {"target", trees_[i].target}, {"ro", trees_[i].read_only}, {"file", file}};
+    if (transport_ == Transport::VirtioFs) {
+      tree["virtiofs"] = kVirtioFsTag;
+    }
+    out.push_back(std::move(tree));
   }
   return out;
+}
+
+std::vector<fuse::MountPoint> SandboxVfs::mountPoints(size_t tree,
+                                                      const std::string& prefix) const {
+  const Tree& t = trees_[tree];
+  std::vector<fuse::MountPoint> points;
+  for (size_t m : t.mounts) {
+    const MountConfig& mc = mounts_[m].config;
+    std::string rel = mc.target == t.target ? "" : mc.target.substr(t.target.size() + 1);
+    if (!prefix.empty()) {
+      rel = rel.empty() ? prefix : prefix + "/" + rel;
+    }
+    points.push_back(fuse::MountPoint{rel, mc.target, mounts_[m].provider.get(), &mc.hooks});
+  }
+  return points;
+}
+
+fuse::EventFn SandboxVfs::eventFn() {
+  if (!events_) {
+    return nullptr;
+  }
+  return [this](const FileEvent& e) {
+    ++events_written_;
+    events_->append(toJsonLine(e));
+  };
+}
+
+Status SandboxVfs::serveVirtioFs(ev::Loop& loop, const std::string& socket_path,
+                                 const std::string& name) {
+  if (transport_ != Transport::VirtioFs) {
+    return makeError(Errc::Internal, "vfs: serveVirtioFs on a stream-transport sandbox");
+  }
+  // One device for every tree: tree INDEX is the entry "INDEX" of a synthetic root, which the
+  // guest never shows (it binds each entry onto its target). One device whatever the number of
+  // trees: microvm has few virtio-mmio slots.
+  std::vector<fuse::MountPoint> points;
+  for (size_t i = 0; i < trees_.size(); ++i) {
+    auto tree = mountPoints(i, std::to_string(i));
+    points.insert(points.end(), tree.begin(), tree.end());
+  }
+  ML_ASSIGN_OR_RETURN(device_,
+                      virtio::FsDevice::listen(loop, socket_path, name + ": vfs", std::move(points),
+                                               eventFn(), fuse::Limits{}));
+  return ok();
 }
 
 void SandboxVfs::onOpen(uint32_t stream) {
@@ -300,26 +370,16 @@ Status SandboxVfs::startConnection(uint32_t stream, Stream& s) {
   if (magic != kVfsMagic || (version_flags >> 16) != kVfsVersion) {
     return makeError(Errc::Protocol, "vfs: bad stream preamble");
   }
+  if (transport_ != Transport::Stream) {
+    return makeError(Errc::Protocol, "vfs: this sandbox's filesystems are served on virtio-fs");
+  }
   if (index >= trees_.size() || tree_busy_[index]) {
     return makeError(Errc::Protocol, fmt::format("vfs: no free tree {}", index));
   }
-  const Tree& tree = trees_[index];
-  std::vector<fuse::MountPoint> points;
-  for (size_t m : tree.mounts) {
-    const MountConfig& mc = mounts_[m].config;
-    std::string rel = mc.target == tree.target ? "" : mc.target.substr(tree.target.size() + 1);
-    points.push_back(fuse::MountPoint{rel, mc.target, mounts_[m].provider.get(), &mc.hooks});
-  }
-  fuse::EventFn events;
-  if (events_) {
-    events = [this](const FileEvent& e) {
-      ++events_written_;
-      events_->append(toJsonLine(e));
-    };
-  }
   s.conn = std::make_unique<fuse::Connection>(
-      std::move(points), [this, stream](std::string&& b) { channel_.send(stream, std::move(b)); },
-      std::move(events), fuse::Limits{});
+      mountPoints(index, ""),
+      [this, stream](std::string&& b) { channel_.send(stream, std::move(b)); }, eventFn(),
+      fuse::Limits{});
   s.conn->setGate([this, stream] { return channel_.pending(stream) < kMaxQueuedReplies; });
   tree_busy_[index] = true;
   stream_tree_[stream] = index;
@@ -398,8 +458,23 @@ std::optional<nlohmann::json> SandboxVfs::handleControl(const nlohmann::json& re
                        {"handles", s.conn->openHandles()}});
     }
   }
-  return nlohmann::json{
-      {"ok", true}, {"mounts", mounts}, {"connections", conns}, {"events", events_written_}};
+  if (device_) {
+    const auto& st = device_->stats();
+    conns.push_back({{"transport", "virtiofs"},
+                     {"vmm_connected", st.connected},
+                     {"chains", st.chains},
+                     {"broken_chains", st.broken_chains},
+                     {"stopped_queues", st.stopped_queues},
+                     {"interrupts", st.interrupts},
+                     {"requests", device_->connection().requests()},
+                     {"nodes", device_->connection().liveNodes()},
+                     {"handles", device_->connection().openHandles()}});
+  }
+  return nlohmann::json{{"ok", true},
+                        {"transport", toString(transport_)},
+                        {"mounts", mounts},
+                        {"connections", conns},
+                        {"events", events_written_}};
 }
 
 }  // namespace matchlock::vfs

@@ -13,9 +13,11 @@
 
 #include "common/event_log.h"
 #include "common/result.h"
+#include "ev/loop.h"
 #include "vfs/fuse/server.h"
 #include "vfs/hooks.h"
 #include "vfs/provider.h"
+#include "vfs/virtio/fs_device.h"
 
 namespace matchlock::vfs {
 
@@ -33,8 +35,17 @@ struct MountConfig {
   Hooks hooks;
 };
 
+/// How the guest reaches the server (docs/vfs.md): a virtio-fs device served over vhost-user (the
+/// default: bulk data moves through shared guest memory), or FUSE messages relayed over channel
+/// streams on port 5001 (no shared memory needed; the fallback, and what hostile-guest tests
+/// speak).
+enum class Transport { VirtioFs, Stream };
+std::string_view toString(Transport transport);
+std::optional<Transport> transportFromString(std::string_view name);
+
 struct VfsConfig {
   std::vector<MountConfig> mounts;
+  Transport transport = Transport::VirtioFs;
   std::string events_path;  ///< file events are appended here ("" = none)
 };
 
@@ -65,8 +76,14 @@ class SandboxVfs {
   SandboxVfs& operator=(const SandboxVfs&) = delete;
 
   /// The "vfs" entry of the boot config: [{"index","target","ro","file"}], one FUSE mount per
-  /// tree that is not nested inside another ("file": its root is a single file).
+  /// tree that is not nested inside another ("file": its root is a single file). With the
+  /// virtio-fs transport each entry also names the device's tag ("virtiofs"): the guest mounts the
+  /// device once and binds tree INDEX (the directory or file INDEX at its root) onto its target.
   nlohmann::json bootConfig() const;
+
+  /// Serves every tree on one virtio-fs device whose vhost-user socket is `socket_path`, on
+  /// `loop` (the VMM connects to it at start). Only for the VirtioFs transport.
+  Status serveVirtioFs(ev::Loop& loop, const std::string& socket_path, const std::string& name);
 
   void onOpen(uint32_t stream);
   /// Data of a VFS stream. An error means the stream broke the protocol: reset it.
@@ -97,11 +114,15 @@ class SandboxVfs {
   };
 
   explicit SandboxVfs(Channel channel) : channel_(std::move(channel)) {}
+  std::vector<fuse::MountPoint> mountPoints(size_t tree, const std::string& prefix) const;
+  fuse::EventFn eventFn();
   void grant(uint32_t stream, Stream& s);
   Status openMounts(const VfsConfig& config);
   Status startConnection(uint32_t stream, Stream& s);
 
   Channel channel_;
+  Transport transport_ = Transport::VirtioFs;
+  std::unique_ptr<virtio::FsDevice> device_;
   std::vector<Mount> mounts_;
   std::vector<Tree> trees_;
   std::vector<bool> tree_busy_;
@@ -116,5 +137,7 @@ class SandboxVfs {
 inline constexpr uint32_t kVfsMagic = 0x4d4c5646;
 inline constexpr uint16_t kVfsVersion = 1;
 inline constexpr size_t kVfsPreambleSize = 12;
+/// The virtio-fs device's tag (what the guest passes to mount -t virtiofs).
+inline constexpr std::string_view kVirtioFsTag = "matchlock";
 
 }  // namespace matchlock::vfs

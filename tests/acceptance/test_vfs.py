@@ -125,12 +125,41 @@ def test_mounts_are_up_with_their_content(env, sandbox):
     for text in ("hello from the host", "read-only data", "original", "a single file",
                  "nested mount", "example"):
         assert text in out, out
-    assert "fuse.matchlock" in out and "nosuid" in out and "nodev" in out, out
+    # The default transport: one virtio-fs device, bound onto each target (docs/vfs.md).
+    lines = [line for line in out.splitlines() if " /workspace/" in line]
+    assert len(lines) == 4, out  # rw (with its nested mount), ro, ov, one.txt
+    for line in lines:
+        assert line.startswith("matchlock ") and " virtiofs " in line, line
+        assert "nosuid" in line and "nodev" in line, line
+    assert any(line.split()[1] == "/workspace/ro" and " ro," in line for line in lines), out
+    assert "/run/matchlock-vfs" not in out, out  # the staging mount is gone
+    st = env.run("exec", sandbox, "--", "sh", "-c", "cat /proc/mounts", timeout=60).stdout
+    assert "matchlock-vfs" not in st, st
+
+
+def test_stream_transport_still_serves_mounts(env, trees, tmp_path):
+    """MATCHLOCK_VFS_TRANSPORT=stream: the FUSE relay over the channel (the fallback for a VMM
+    without vhost-user, and what the hostile guest speaks) mounts, reads and writes."""
+    rw = tmp_path / "rw"
+    rw.mkdir()
+    (rw / "in.txt").write_text("from the host\n")
+    p = env.run("run", "--image", "agent:latest", "--no-network",
+                "-v", f"{rw}:/workspace/rw:host_fs", "--", "sh", "-c",
+                "cat /workspace/rw/in.txt && echo from-the-guest > /workspace/rw/out.txt && "
+                "grep ' /workspace/rw ' /proc/mounts",
+                env={"MATCHLOCK_VFS_TRANSPORT": "stream"}, timeout=300)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "from the host" in p.stdout and "fuse.matchlock" in p.stdout, p.stdout
+    assert (rw / "out.txt").read_text() == "from-the-guest\n"
+    bad = env.run("run", "--image", "agent:latest", "--no-network", "-v", f"{rw}:/workspace/w:host_fs",
+                  "--", "true", env={"MATCHLOCK_VFS_TRANSPORT": "carrier-pigeon"}, timeout=120)
+    assert bad.returncode != 0 and "MATCHLOCK_VFS_TRANSPORT" in bad.stderr, bad.stderr
 
 
 def test_exec_with_cwd_and_binary_on_a_mount(env, sandbox, trees):
-    """The agent relays the mount's FUSE requests itself: a child whose chdir or exec goes
-    through the mount must not wait on an agent that waits on it."""
+    """A child whose chdir or exec goes through the mount must not wait on an agent that waits
+    on it (the agent relays FUSE itself with the stream transport; with virtio-fs it must still
+    report the exec without touching the mount)."""
     tool = trees["rw"] / "tool.sh"
     tool.write_text("#!/bin/sh\necho tool ran in $(pwd)\n")
     tool.chmod(0o755)
@@ -185,6 +214,47 @@ print('ok')
     # Files the guest made belong to the owner of the mount root on the host.
     root_st = trees["rw"].stat()
     assert (host / "b").stat().st_uid == root_st.st_uid
+
+
+def test_large_files_bypass_the_page_cache_yet_map_and_stay_coherent(env, sandbox, trees):
+    """Write-only and large read-only opens are FOPEN_DIRECT_IO (docs/vfs.md); the guest kernel's
+    FUSE_DIRECT_IO_ALLOW_MMAP backport keeps MAP_SHARED mappings of them working, and dirty pages
+    of a shared writable mapping reach the host before a direct read. sqlite's WAL mode (a shared
+    mapping of its -shm file) works in the mount."""
+    big = trees["rw"] / "big.bin"
+    data = os.urandom(16 << 20)
+    big.write_bytes(data)
+    code = r"""
+import hashlib, mmap, os, sqlite3
+p = '/workspace/rw/big.bin'
+with open(p, 'rb') as f:
+    print('read', hashlib.sha256(f.read()).hexdigest())
+    m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    print('mmap', hashlib.sha256(m[:]).hexdigest())
+    m.close()
+with open(p, 'r+b') as f:
+    m = mmap.mmap(f.fileno(), 0)
+    m[0:5] = b'HELLO'
+    with open(p, 'rb') as g:
+        print('coherent', g.read(5).decode())
+    m.close()
+with open(p, 'wb') as f:
+    f.write(b'x' * 10)
+print('rewritten', open(p, 'rb').read().decode())
+c = sqlite3.connect('/workspace/rw/wal.db')
+print('journal', c.execute('pragma journal_mode=wal').fetchone()[0])
+c.execute('create table t (x)')
+c.executemany('insert into t values (?)', [(i,) for i in range(100)])
+c.commit()
+print('wal rows', c.execute('select count(*) from t').fetchone()[0])
+"""
+    p = env.py(sandbox, code)
+    assert p.returncode == 0, p.stdout + p.stderr
+    digest = hashlib.sha256(data).hexdigest()
+    assert f"read {digest}" in p.stdout and f"mmap {digest}" in p.stdout, p.stdout
+    assert "coherent HELLO" in p.stdout and "rewritten xxxxxxxxxx" in p.stdout, p.stdout
+    assert "journal wal" in p.stdout and "wal rows 100" in p.stdout, p.stdout
+    assert big.read_bytes() == b"x" * 10
 
 
 def test_git_init_add_commit_status(env, sandbox, trees):
@@ -441,7 +511,8 @@ def test_hostile_guest_cannot_break_or_escape_the_server(env, tmp_path):
     before_ro = tree_digest(ro)
     p = env.run("run", "-d", "--image", "agent:latest", "--no-network",
                 "-v", f"{rw}:/workspace/rw:host_fs", "-v", f"{ro}:/workspace/ro:ro",
-                env={"MATCHLOCK_GUEST": str(hostile)}, timeout=300)
+                env={"MATCHLOCK_GUEST": str(hostile), "MATCHLOCK_VFS_TRANSPORT": "stream"},
+                timeout=300)
     assert p.returncode == 0, p.stdout + p.stderr
     sid = p.stdout.strip().splitlines()[-1]
     try:
