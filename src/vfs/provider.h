@@ -4,11 +4,13 @@
 #include <sys/stat.h>
 #include <sys/statvfs.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <functional>
 #include <memory>
 #include <string>
 #include <string_view>
+#include <vector>
 
 #include <tl/expected.hpp>
 
@@ -23,6 +25,12 @@ namespace matchlock::vfs {
 template <class T>
 using Ret = tl::expected<T, int>;
 using RetVoid = tl::expected<void, int>;
+
+/// Writable bytes somewhere else (guest memory a reply goes straight into).
+struct Span {
+  char* data = nullptr;
+  size_t len = 0;
+};
 inline tl::unexpected<int> fail(int err) {
   return tl::unexpected<int>(err);
 }
@@ -114,6 +122,36 @@ class Provider {
   /// Reads up to `size` bytes at `offset` into `out` (resized to what was read; 0 = EOF).
   virtual RetVoid read(uint64_t fh, uint64_t offset, size_t size, std::string& out) = 0;
   virtual Ret<size_t> write(uint64_t fh, uint64_t offset, std::string_view data) = 0;
+  /// Reads up to the parts' total at `offset` into `parts`, one after the other (a reply that
+  /// goes straight into guest memory); returns the bytes read (0 = EOF). The default reads into
+  /// a buffer and copies.
+  virtual Ret<size_t> readParts(uint64_t fh, uint64_t offset, const std::vector<Span>& parts) {
+    size_t total = 0;
+    for (const Span& part : parts) {
+      total += part.len;
+    }
+    std::string buf;
+    if (auto r = read(fh, offset, total, buf); !r) {
+      return tl::make_unexpected(r.error());
+    }
+    size_t at = 0;
+    for (const Span& part : parts) {
+      const size_t n = std::min(part.len, buf.size() - at);
+      std::copy_n(buf.data() + at, n, part.data);
+      at += n;
+    }
+    return buf.size();
+  }
+  /// Writes `parts` one after the other from `offset`: a request whose data lies scattered in
+  /// guest memory, written without gathering it first. The default joins them and calls write().
+  virtual Ret<size_t> writeParts(uint64_t fh, uint64_t offset,
+                                 const std::vector<std::string_view>& parts) {
+    std::string joined;
+    for (std::string_view part : parts) {
+      joined.append(part);
+    }
+    return write(fh, offset, joined);
+  }
   virtual RetVoid flush(uint64_t fh) = 0;
   virtual RetVoid fsync(uint64_t fh, bool datasync) = 0;
   virtual void release(uint64_t fh) = 0;

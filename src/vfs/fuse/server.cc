@@ -179,18 +179,33 @@ Status Connection::process() {
   return ok();
 }
 
-Status Connection::handleMessage(std::string_view msg) {
+Status Connection::handleMessage(std::string_view msg,
+                                 const std::vector<std::string_view>* write_data,
+                                 const std::vector<Span>* read_into) {
   if (msg.size() < kInHeader) {
     return makeError(Errc::Protocol, fmt::format("vfs: a request of {} bytes", msg.size()));
   }
   fuse_in_header h{};
   std::memcpy(&h, msg.data(), kInHeader);
-  if (h.len != msg.size() || msg.size() > maxRequest()) {
+  uint64_t total = msg.size();
+  if (write_data != nullptr) {
+    for (std::string_view part : *write_data) {
+      total += part.size();
+    }
+  }
+  if (h.len != total || total > maxRequest() ||
+      (write_data != nullptr &&
+       (h.opcode != FUSE_WRITE || msg.size() != kInHeader + sizeof(fuse_write_in))) ||
+      (read_into != nullptr && (h.opcode != FUSE_READ || !sink_))) {
     ++requests_;
     replyError(h.unique, EINVAL);
     return ok();
   }
+  write_data_ = write_data;
+  read_into_ = read_into;
   handle(msg);
+  write_data_ = nullptr;
+  read_into_ = nullptr;
   return ok();
 }
 
@@ -1031,8 +1046,32 @@ void Connection::dispatch(Request& r) {
       if (!allowed(Op::Read, node->rel)) {
         return;
       }
+      const size_t want = std::min(in.size, limits_.max_write);
+      if (read_into_ != nullptr) {
+        // Straight into the caller's buffers, cut at what was asked for.
+        read_parts_.clear();
+        size_t room = want;
+        for (const Span& part : *read_into_) {
+          if (room == 0) {
+            break;
+          }
+          read_parts_.push_back(Span{part.data, std::min(part.len, room)});
+          room -= read_parts_.back().len;
+        }
+        auto n = p->readParts(h->local, in.offset, read_parts_);
+        event(Op::Read, node->rel, mount, n ? *n : 0, n ? 0 : n.error());
+        if (!n) {
+          err(n.error());
+          return;
+        }
+        fuse_out_header out{};
+        out.len = static_cast<uint32_t>(sizeof(out) + *n);
+        out.unique = u;
+        sink_(asBytes(out), {});
+        return;
+      }
       std::string& data = read_buf_;
-      auto res = p->read(h->local, in.offset, std::min(in.size, limits_.max_write), data);
+      auto res = p->read(h->local, in.offset, want, data);
       event(Op::Read, node->rel, mount, data.size(), res ? 0 : res.error());
       if (!res) {
         err(res.error());
@@ -1044,7 +1083,14 @@ void Connection::dispatch(Request& r) {
     case FUSE_WRITE: {
       fuse_write_in in{};
       std::string_view data;
-      if (!r.body.get(&in) || in.size > limits_.max_write || !r.body.bytes(in.size, &data)) {
+      uint64_t scattered = 0;
+      if (write_data_ != nullptr) {
+        for (std::string_view part : *write_data_) {
+          scattered += part.size();
+        }
+      }
+      if (!r.body.get(&in) || in.size > limits_.max_write ||
+          (write_data_ != nullptr ? in.size != scattered : !r.body.bytes(in.size, &data))) {
         err(EINVAL);
         return;
       }
@@ -1059,7 +1105,8 @@ void Connection::dispatch(Request& r) {
       if (!allowed(Op::Write, node->rel)) {
         return;
       }
-      auto n = p->write(h->local, in.offset, data);
+      auto n = write_data_ != nullptr ? p->writeParts(h->local, in.offset, *write_data_)
+                                      : p->write(h->local, in.offset, data);
       event(Op::Write, node->rel, mount, n ? *n : 0, n ? 0 : n.error());
       if (!n) {
         err(n.error());

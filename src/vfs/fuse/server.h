@@ -66,7 +66,14 @@ class Connection {
   /// Serves one request that arrived whole, as on a virtqueue: its header's length must be the
   /// message's (else it is answered EINVAL). The reply, if the request has one, has gone out
   /// through `send` when this returns. Fails only for a message shorter than a header.
-  Status handleMessage(std::string_view msg);
+  /// `write_data`, for a FUSE_WRITE only: its data, left where it lies (guest memory), after the
+  /// header and fuse_write_in that `msg` holds; the header's length counts both.
+  /// `read_into`, for a FUSE_READ only: where its data goes (guest memory after the reply
+  /// header's room); the reply through the sink then carries the header alone, its length
+  /// counting the data already in place.
+  Status handleMessage(std::string_view msg,
+                       const std::vector<std::string_view>* write_data = nullptr,
+                       const std::vector<Span>* read_into = nullptr);
   /// The largest request we accept (a WRITE of max_write with its headers).
   size_t maxRequestSize() const { return maxRequest(); }
   /// Processes requests that were held back (see setGate()).
@@ -139,6 +146,9 @@ class Connection {
   SendFn send_;
   SinkFn sink_;
   std::string read_buf_;  ///< reused by every READ: no megabyte allocation per request
+  const std::vector<std::string_view>* write_data_ = nullptr;  ///< see handleMessage()
+  const std::vector<Span>* read_into_ = nullptr;               ///< see handleMessage()
+  std::vector<Span> read_parts_;
   EventFn events_;
   Limits limits_;
   std::string in_;

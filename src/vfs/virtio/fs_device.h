@@ -38,7 +38,12 @@ class FsDevice {
   std::unique_ptr<VhostUserBackend> backend_;
   void sink(std::string_view header, std::string_view payload);
 
+  /// Writes at least this long go to the provider from guest memory, not from our copy.
+  static constexpr size_t kScatteredWrite = 64U << 10;
   std::string request_;
+  std::vector<std::string_view> write_parts_;
+  std::vector<Span> read_into_;
+  bool reading_ = false;          ///< a READ is served in place: its reply is the header alone
   const Chain* chain_ = nullptr;  ///< the chain being served (replies go straight into it)
   uint64_t unique_ = 0;
   uint32_t written_ = 0;

@@ -87,6 +87,23 @@ bool Chain::gather(std::string* out, size_t max) const {
   return true;
 }
 
+bool Chain::peek(void* out, size_t n) const {
+  if (readable_len < n) {
+    return false;
+  }
+  auto* dst = static_cast<uint8_t*>(out);
+  for (const Buffer& b : readable) {
+    if (n == 0) {
+      break;
+    }
+    const size_t take = std::min<size_t>(b.len, n);
+    std::memcpy(dst, b.data, take);
+    dst += take;
+    n -= take;
+  }
+  return true;
+}
+
 bool Chain::scatter(std::initializer_list<std::string_view> parts) const {
   uint64_t total = 0;
   for (std::string_view part : parts) {

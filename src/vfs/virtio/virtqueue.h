@@ -68,6 +68,8 @@ struct Chain {
 
   /// Copies the readable part out (at most `max` bytes; false when it is longer).
   bool gather(std::string* out, size_t max) const;
+  /// Copies the first `n` readable bytes to `out`; false (nothing promised) when there are fewer.
+  bool peek(void* out, size_t n) const;
   /// Copies `parts`, one after the other, into the writable part; false (nothing written) when
   /// they do not fit.
   bool scatter(std::initializer_list<std::string_view> parts) const;

@@ -946,3 +946,32 @@ TEST_CASE("host: statfs reports the root's filesystem", "[vfs][host]") {
 }
 
 }  // namespace
+
+TEST_CASE("host: scattered writes and reads go to and from the caller's buffers", "[vfs][host]") {
+  Tree t;
+  auto p = t.provider();
+  auto c = p->create(p->rootNode(), "s", 0644, O_RDWR, kGuest);
+  REQUIRE(c);
+  const uint64_t fh = c->second;
+  std::string a(5000, 'a');
+  std::string b(3, 'b');
+  std::string d(70000, 'd');
+  auto n = p->writeParts(fh, 10, {a, b, d});
+  REQUIRE(n);
+  CHECK(*n == a.size() + b.size() + d.size());
+  std::string host = readHost(t.at("s"));
+  CHECK(host == std::string(10, '\0') + a + b + d);
+  // Read back into three buffers, the last one past the end of the file.
+  std::string x(7, '.');
+  std::string y(4096, '.');
+  std::string z(100000, '.');
+  auto r = p->readParts(
+      fh, 3, {Span{x.data(), x.size()}, Span{y.data(), y.size()}, Span{z.data(), z.size()}});
+  REQUIRE(r);
+  CHECK(*r == host.size() - 3);
+  CHECK((x + y + z).substr(0, *r) == host.substr(3));
+  CHECK(p->readParts(fh, host.size(), {Span{x.data(), x.size()}}).value() == 0);
+  CHECK(p->readParts(999, 0, {Span{x.data(), x.size()}}).error() == EBADF);
+  CHECK(p->writeParts(999, 0, {a}).error() == EBADF);
+  p->release(fh);
+}
