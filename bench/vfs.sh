@@ -4,7 +4,9 @@
 #   9p        bare qemu-system-x86_64 microvm, virtio-9p-device (fsdev local, passthrough),
 #             mounted with trans=virtio,version=9p2000.L,msize=524288;
 #   virtiofs  bare qemu microvm, vhost-user-fs-device + /usr/lib/qemu/virtiofsd -o cache=auto;
-#   matchlock `matchlock run -v SHARE:/workspace/x:rw --workspace /workspace` (host-served FUSE).
+#   matchlock `matchlock run -v SHARE:/workspace/x:rw --workspace /workspace` (host-served FUSE:
+#             a virtio-fs device the supervisor serves over vhost-user; set
+#             MATCHLOCK_VFS_TRANSPORT=stream to measure the channel relay instead).
 # The baselines boot an initramfs (busybox + bench/vfs_guest.sh as the workload); matchlock runs
 # the same script with the same busybox binary (busybox fixture image). Every time is taken inside
 # the guest. Rows: 256 MiB sequential write (fsync) and read, create and stat 10,000 files,
