@@ -20,22 +20,22 @@ namespace {
 
 // docs/interop/vhost-user.rst: the requests a backend without protocol features receives.
 enum Request : uint32_t {
-  kGetFeatures = 1,
-  kSetFeatures = 2,
-  kSetOwner = 3,
-  kResetOwner = 4,
-  kSetMemTable = 5,
-  kSetVringNum = 8,
-  kSetVringAddr = 9,
-  kSetVringBase = 10,
-  kGetVringBase = 11,
-  kSetVringKick = 12,
-  kSetVringCall = 13,
-  kSetVringErr = 14,
-  kGetProtocolFeatures = 15,
-  kSetProtocolFeatures = 16,
-  kGetQueueNum = 17,
-  kSetVringEnable = 18,
+  GetFeatures = 1,
+  SetFeatures = 2,
+  SetOwner = 3,
+  ResetOwner = 4,
+  SetMemTable = 5,
+  SetVringNum = 8,
+  SetVringAddr = 9,
+  SetVringBase = 10,
+  GetVringBase = 11,
+  SetVringKick = 12,
+  SetVringCall = 13,
+  SetVringErr = 14,
+  GetProtocolFeatures = 15,
+  SetProtocolFeatures = 16,
+  GetQueueNum = 17,
+  SetVringEnable = 18,
 };
 constexpr uint32_t kVersion = 0x1;
 constexpr uint32_t kReplyFlag = 0x4;
@@ -294,9 +294,9 @@ Status VhostUserBackend::handle(Message& m) {
   };
   const uint64_t offered = kVirtioVersion1 | kProtocolFeatures | options_.features;
   switch (m.request) {
-    case kGetFeatures:
+    case GetFeatures:
       return reply(m.request, std::string_view(reinterpret_cast<const char*>(&offered), 8));
-    case kSetFeatures: {
+    case SetFeatures: {
       uint64_t f = 0;
       if (!payloadAs(m.payload, &f)) {
         return makeError(protocolError("SET_FEATURES without its value"));
@@ -308,20 +308,20 @@ Status VhostUserBackend::handle(Message& m) {
       acked_features_ = f;
       return ok();
     }
-    case kGetProtocolFeatures:
+    case GetProtocolFeatures:
       return reply(m.request, std::string_view(reinterpret_cast<const char*>(&kProtocolMq), 8));
-    case kSetProtocolFeatures: {
+    case SetProtocolFeatures: {
       uint64_t f = 0;
       if (!payloadAs(m.payload, &f) || (f & ~kProtocolMq) != 0) {
         return makeError(protocolError("protocol features that were never offered"));
       }
       return ok();
     }
-    case kGetQueueNum: {
+    case GetQueueNum: {
       const uint64_t n = queues_.size();
       return reply(m.request, std::string_view(reinterpret_cast<const char*>(&n), 8));
     }
-    case kSetVringEnable: {
+    case SetVringEnable: {
       // Rings are served once started (kick fd, addresses, memory), enabled or not: a disabled
       // virtio-fs ring has nothing to discard, and a VMM that never enables would hang.
       VringState st{};
@@ -332,14 +332,14 @@ Status VhostUserBackend::handle(Message& m) {
       (void)i;
       return ok();
     }
-    case kSetOwner:
+    case SetOwner:
       return ok();
-    case kResetOwner:
+    case ResetOwner:
       for (size_t i = 0; i < queues_.size(); ++i) {
         stopQueue(i);
       }
       return ok();
-    case kSetMemTable: {
+    case SetMemTable: {
       uint32_t count = 0;
       if (!payloadAs(m.payload, &count) || count == 0 || count > kMaxFds ||
           m.payload.size() < 8 + count * sizeof(MemRegionMsg) || m.fds.size() != count) {
@@ -376,7 +376,7 @@ Status VhostUserBackend::handle(Message& m) {
       }
       return ok();
     }
-    case kSetVringNum: {
+    case SetVringNum: {
       VringState s{};
       if (!payloadAs(m.payload, &s)) {
         return makeError(protocolError("SET_VRING_NUM without its state"));
@@ -384,7 +384,7 @@ Status VhostUserBackend::handle(Message& m) {
       ML_ASSIGN_OR_RETURN(size_t i, queueOf(s.index));
       return queues_[i].ring.setSize(s.num);
     }
-    case kSetVringAddr: {
+    case SetVringAddr: {
       VringAddr a{};
       if (!payloadAs(m.payload, &a)) {
         return makeError(protocolError("SET_VRING_ADDR without its addresses"));
@@ -398,7 +398,7 @@ Status VhostUserBackend::handle(Message& m) {
       ML_RETURN_IF_ERROR(translateRings(q));
       return startIfReady(i);
     }
-    case kSetVringBase: {
+    case SetVringBase: {
       VringState s{};
       if (!payloadAs(m.payload, &s)) {
         return makeError(protocolError("SET_VRING_BASE without its state"));
@@ -407,7 +407,7 @@ Status VhostUserBackend::handle(Message& m) {
       queues_[i].ring.setBase(static_cast<uint16_t>(s.num));
       return ok();
     }
-    case kGetVringBase: {
+    case GetVringBase: {
       VringState s{};
       if (!payloadAs(m.payload, &s)) {
         return makeError(protocolError("GET_VRING_BASE without its state"));
@@ -417,9 +417,9 @@ Status VhostUserBackend::handle(Message& m) {
       stopQueue(i);  // the VMM stops the device: the ring is no longer ours
       return reply(m.request, std::string_view(reinterpret_cast<const char*>(&out), sizeof(out)));
     }
-    case kSetVringKick:
-    case kSetVringCall:
-    case kSetVringErr: {
+    case SetVringKick:
+    case SetVringCall:
+    case SetVringErr: {
       uint64_t v = 0;
       if (!payloadAs(m.payload, &v)) {
         return makeError(protocolError("a vring fd message without its index"));
@@ -430,10 +430,10 @@ Status VhostUserBackend::handle(Message& m) {
         return makeError(protocolError("a vring fd message with the wrong number of descriptors"));
       }
       Queue& q = queues_[i];
-      if (m.request == kSetVringErr) {
+      if (m.request == SetVringErr) {
         return ok();  // we never report ring errors through it; the fd is closed here
       }
-      if (m.request == kSetVringCall) {
+      if (m.request == SetVringCall) {
         q.call = no_fd ? Fd() : std::move(m.fds[0]);
         if (q.call) {
           // Chains may have been completed while there was no fd to signal: a spurious

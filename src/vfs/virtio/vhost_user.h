@@ -50,6 +50,8 @@ class VhostUserBackend {
   ~VhostUserBackend();
   VhostUserBackend(const VhostUserBackend&) = delete;
   VhostUserBackend& operator=(const VhostUserBackend&) = delete;
+  VhostUserBackend(VhostUserBackend&&) = delete;
+  VhostUserBackend& operator=(VhostUserBackend&&) = delete;
 
   const Stats& stats() const { return stats_; }
   const std::string& socketPath() const { return path_; }

@@ -30,6 +30,8 @@ class GuestMemory {
   ~GuestMemory() { clear(); }
   GuestMemory(const GuestMemory&) = delete;
   GuestMemory& operator=(const GuestMemory&) = delete;
+  GuestMemory(GuestMemory&&) = delete;
+  GuestMemory& operator=(GuestMemory&&) = delete;
 
   /// Adds a region at `host`; when `map_base` is set, it is munmap()ed (map_len bytes) with us.
   Status add(const Region& region, void* map_base = nullptr, size_t map_len = 0);
