@@ -4,8 +4,10 @@
 #include <fcntl.h>
 #include <fmt/format.h>
 #include <poll.h>
+#include <sched.h>
 #include <signal.h>
-#include <spawn.h>
+#include <sys/mman.h>
+#include <sys/prctl.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -13,6 +15,8 @@
 #include <algorithm>
 #include <array>
 #include <cerrno>
+#include <cstdlib>
+#include <optional>
 
 #include "sys/process_ref.h"
 
@@ -23,9 +27,6 @@ namespace {
 
 // glibc 2.36's <sys/pidfd.h> lacks extern "C", so C++ cannot link its declarations: use the
 // system calls directly (Linux >= 5.3).
-int pidfdOpen(pid_t pid) {
-  return static_cast<int>(::syscall(SYS_pidfd_open, pid, 0));
-}
 int pidfdSendSignal(int pidfd, int sig) {
   return static_cast<int>(::syscall(SYS_pidfd_send_signal, pidfd, sig, nullptr, 0));
 }
@@ -70,54 +71,121 @@ ChildProcess::~ChildProcess() {
   }
 }
 
+namespace {
+
+/// Everything the child needs, prepared by the parent: the child shares our memory until it
+/// execs (CLONE_VM | CLONE_VFORK), so it only makes system calls and writes `error`.
+struct SpawnPlan {
+  const char* path = nullptr;
+  char* const* argv = nullptr;
+  char* const* envp = nullptr;
+  const SpawnOptions* options = nullptr;
+  pid_t parent = 0;
+  int error = 0;  ///< errno of the step that failed in the child (0: it exec'd)
+};
+
+// The child functions run on a stack of their own in our memory and never return: no sanitizer
+// bookkeeping (ASan would leave that stack's shadow poisoned after the child has gone).
+#define ML_SPAWN_CHILD __attribute__((no_sanitize("address", "undefined")))
+
+ML_SPAWN_CHILD int redirect(const std::string& path, int target) {
+  int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0600);
+  if (fd < 0) {
+    return -1;
+  }
+  int rc = ::dup2(fd, target);
+  (void)::close(fd);
+  return rc;
+}
+
+ML_SPAWN_CHILD int spawnChild(void* arg) {
+  auto* plan = static_cast<SpawnPlan*>(arg);
+  const SpawnOptions& o = *plan->options;
+  // Our own copy of the handler table (no CLONE_SIGHAND): nothing of the parent's runs here.
+  struct sigaction dfl {};
+  dfl.sa_handler = SIG_DFL;
+  for (int sig = 1; sig < NSIG; ++sig) {
+    (void)::sigaction(sig, &dfl, nullptr);
+  }
+  if (o.new_session && ::setsid() < 0) {
+    plan->error = errno;
+    ::_exit(127);
+  }
+  if (o.parent_death_signal != 0) {
+    // Asked before the check: a parent that died in between has already reparented us.
+    if (::prctl(PR_SET_PDEATHSIG, o.parent_death_signal) != 0) {
+      plan->error = errno;
+      ::_exit(127);
+    }
+    if (::getppid() != plan->parent) {
+      plan->error = ESRCH;
+      ::_exit(127);
+    }
+  }
+  if (o.null_stdin) {
+    int fd = ::open("/dev/null", O_RDONLY | O_CLOEXEC);
+    if (fd < 0 || ::dup2(fd, 0) < 0) {
+      plan->error = errno;
+      ::_exit(127);
+    }
+    (void)::close(fd);
+  }
+  if (!o.stdout_path.empty() && redirect(o.stdout_path, 1) < 0) {
+    plan->error = errno;
+    ::_exit(127);
+  }
+  if (!o.stderr_path.empty()) {
+    int rc = o.stderr_path == o.stdout_path ? ::dup2(1, 2) : redirect(o.stderr_path, 2);
+    if (rc < 0) {
+      plan->error = errno;
+      ::_exit(127);
+    }
+  }
+  for (int fd : o.inherit_fds) {
+    int flags = ::fcntl(fd, F_GETFD);
+    if (flags < 0 || ::fcntl(fd, F_SETFD, flags & ~FD_CLOEXEC) < 0) {
+      plan->error = errno;
+      ::_exit(127);
+    }
+  }
+  sigset_t none;
+  sigemptyset(&none);
+  (void)::sigprocmask(SIG_SETMASK, &none, nullptr);
+  ::execve(plan->path, plan->argv, plan->envp);
+  plan->error = errno;
+  ::_exit(127);
+}
+
+/// posix_spawnp's lookup: a name without a slash is searched in PATH.
+std::optional<std::string> findExecutable(const std::string& name) {
+  if (name.find('/') != std::string::npos) {
+    return name;
+  }
+  const char* path = std::getenv("PATH");
+  std::string_view dirs = path != nullptr ? path : "/usr/local/bin:/usr/bin:/bin";
+  while (!dirs.empty()) {
+    size_t colon = dirs.find(':');
+    std::string_view dir = dirs.substr(0, colon);
+    dirs = colon == std::string_view::npos ? std::string_view() : dirs.substr(colon + 1);
+    std::string candidate = fmt::format("{}/{}", dir.empty() ? "." : dir, name);
+    if (::access(candidate.c_str(), X_OK) == 0) {
+      return candidate;
+    }
+  }
+  return std::nullopt;
+}
+
+}  // namespace
+
 Result<ChildProcess> ChildProcess::spawn(const std::vector<std::string>& argv,
                                          const SpawnOptions& options) {
   if (argv.empty()) {
     return makeError(Errc::Internal, "spawn with an empty argv");
   }
-  posix_spawn_file_actions_t actions;
-  posix_spawnattr_t attr;
-  posix_spawn_file_actions_init(&actions);
-  posix_spawnattr_init(&attr);
-  struct Cleanup {
-    posix_spawn_file_actions_t* a;
-    posix_spawnattr_t* b;
-    ~Cleanup() {
-      posix_spawn_file_actions_destroy(a);
-      posix_spawnattr_destroy(b);
-    }
-  } cleanup{&actions, &attr};
-  if (options.null_stdin) {
-    posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0);
+  std::optional<std::string> path = findExecutable(argv[0]);
+  if (!path) {
+    return makeError(Errc::NotFound, fmt::format("spawning {}", argv[0]), ENOENT);
   }
-  if (!options.stdout_path.empty()) {
-    posix_spawn_file_actions_addopen(&actions, 1, options.stdout_path.c_str(),
-                                     O_WRONLY | O_CREAT | O_APPEND, 0600);
-  }
-  if (!options.stderr_path.empty()) {
-    if (options.stderr_path == options.stdout_path) {
-      posix_spawn_file_actions_adddup2(&actions, 1, 2);
-    } else {
-      posix_spawn_file_actions_addopen(&actions, 2, options.stderr_path.c_str(),
-                                       O_WRONLY | O_CREAT | O_APPEND, 0600);
-    }
-  }
-  for (int fd : options.inherit_fds) {
-    // dup2 onto itself clears FD_CLOEXEC in the child (glibc >= 2.29 semantics).
-    posix_spawn_file_actions_adddup2(&actions, fd, fd);
-  }
-  short flags = POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF;  // NOLINT(google-runtime-int)
-  if (options.new_session) {
-    flags |= POSIX_SPAWN_SETSID;
-  }
-  posix_spawnattr_setflags(&attr, flags);
-  sigset_t none;
-  sigemptyset(&none);
-  posix_spawnattr_setsigmask(&attr, &none);
-  sigset_t all;
-  sigfillset(&all);
-  posix_spawnattr_setsigdefault(&attr, &all);
-
   std::vector<char*> args;
   for (const std::string& a : argv) {
     args.push_back(const_cast<char*>(a.c_str()));  // NOLINT(cppcoreguidelines-pro-type-const-cast)
@@ -131,22 +199,44 @@ Result<ChildProcess> ChildProcess::spawn(const std::vector<std::string>& argv,
     }
     envp.push_back(nullptr);
   }
-  pid_t pid = 0;
-  int rc = ::posix_spawnp(&pid, args[0], &actions, &attr, args.data(),
-                          options.env ? envp.data() : environ);
-  if (rc != 0) {
-    return makeError(rc == ENOENT ? Errc::NotFound : Errc::System,
-                     fmt::format("spawning {}", argv[0]), rc);
+  SpawnPlan plan;
+  plan.path = path->c_str();
+  plan.argv = args.data();
+  plan.envp = options.env ? envp.data() : environ;
+  plan.options = &options;
+  plan.parent = ::getpid();
+
+  // The child runs on a stack of its own, in our memory, until it execs; with every signal
+  // blocked no handler of ours can run in it meanwhile.
+  constexpr size_t kStack = 256 * 1024;
+  void* stack = ::mmap(nullptr, kStack, PROT_READ | PROT_WRITE,
+                       MAP_PRIVATE | MAP_ANONYMOUS | MAP_STACK, -1, 0);
+  if (stack == MAP_FAILED) {
+    return makeError(Errc::System, "allocating a spawn stack", errno);
+  }
+  sigset_t all;
+  sigset_t old;
+  sigfillset(&all);
+  (void)::pthread_sigmask(SIG_SETMASK, &all, &old);
+  int pidfd = -1;
+  pid_t pid = ::clone(spawnChild, static_cast<char*>(stack) + kStack,
+                      CLONE_VM | CLONE_VFORK | CLONE_PIDFD | SIGCHLD, &plan, &pidfd);
+  int clone_errno = errno;
+  (void)::pthread_sigmask(SIG_SETMASK, &old, nullptr);
+  (void)::munmap(stack, kStack);
+  if (pid < 0) {
+    return makeError(Errc::System, fmt::format("spawning {}", argv[0]), clone_errno);
   }
   ChildProcess child;
   child.pid_ = pid;
-  child.pidfd_ = Fd(pidfdOpen(pid));
-  if (!child.pidfd_) {
-    int err = errno;
-    (void)::kill(pid, SIGKILL);
-    (void)::waitpid(pid, nullptr, 0);
+  child.pidfd_ = Fd(pidfd);
+  if (plan.error != 0) {
+    // The child failed before exec (and exited 127): reap it and report why.
+    siginfo_t info{};
+    (void)::waitid(P_PIDFD, static_cast<id_t>(pidfd), &info, WEXITED);
     child.pid_ = -1;
-    return makeError(Errc::System, "pidfd_open", err);
+    return makeError(plan.error == ENOENT ? Errc::NotFound : Errc::System,
+                     fmt::format("spawning {}", argv[0]), plan.error);
   }
   child.start_time_ = processStartTime(pid).value_or(0);
   return child;

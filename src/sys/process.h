@@ -24,6 +24,9 @@ struct SpawnOptions {
   bool new_session = false;
   /// Extra fds the child inherits at the same numbers (every other fd is CLOEXEC).
   std::vector<int> inherit_fds;
+  /// A signal the child gets when the thread that spawned it dies (PR_SET_PDEATHSIG, checked
+  /// against the race with a parent that died before it was set); 0 = none.
+  int parent_death_signal = 0;
   /// The child's whole environment ("NAME=value" each); nullopt = ours.
   std::optional<std::vector<std::string>> env;
 };
