@@ -5,6 +5,7 @@
 #include <fmt/format.h>
 #include <poll.h>
 #include <signal.h>
+#include <sys/prctl.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -400,6 +401,8 @@ Status Supervisor::start() {
   sys::SpawnOptions opts;
   opts.stdout_path = config_.run_dir + "/qemu.log";
   opts.stderr_path = opts.stdout_path;
+  // No VMM outlives us, however we die: the next command finds nothing of the sandbox running.
+  opts.parent_death_signal = SIGKILL;
   ML_RETURN_IF_ERROR(startVfs());
   ML_RETURN_IF_ERROR(startPorts());
   ML_RETURN_IF_ERROR(startHealth());
@@ -836,6 +839,7 @@ void Supervisor::startMainProcess() {
   sys::SpawnOptions opts;
   opts.stdout_path = mainLogPath(config_.run_dir);
   opts.stderr_path = opts.stdout_path;
+  opts.parent_death_signal = SIGTERM;
   auto child = sys::ChildProcess::spawn(
       {self, "--log-level", "warn", "__main", "--config", config_.run_dir + "/vm.json"}, opts);
   if (!child) {
@@ -878,6 +882,15 @@ void Supervisor::onAccept() {
     Fd fd(::accept4(listener_.get(), nullptr, nullptr, SOCK_CLOEXEC | SOCK_NONBLOCK));
     if (!fd) {
       return;
+    }
+    if (Status st = sys::requireSameUid(fd.get()); !st) {
+      // The run dir's mode keeps others out already; this holds even when it does not.
+      ML_LOG(supervisor, warn, "sandbox {}: control socket: {}", config_.sandbox_id,
+             st.error().message());
+      std::string line = nlohmann::json({{"ok", false}, {"error", st.error().message()}}).dump();
+      line += "\n";
+      (void)::send(fd.get(), line.data(), line.size(), MSG_NOSIGNAL);
+      continue;
     }
     auto c = std::make_unique<Client>();
     c->fd = std::move(fd);
@@ -1181,6 +1194,18 @@ void Supervisor::finish(Status status) {
 }  // namespace
 
 Status run(const Config& config) {
+  // We hold the secret values: no core dump, no ptrace by the user's other processes, and our
+  // /proc files (environ, mem, maps) readable by root only.
+  if (::prctl(PR_SET_DUMPABLE, 0) != 0) {
+    return makeError(Errc::System, "prctl(PR_SET_DUMPABLE, 0)", errno);
+  }
+  // And a core taken anyway (a debugger run by root) holds no anonymous memory: no heap, stack
+  // or arena, so none of the copies of a value that the proxy, OpenSSL or a JSON parser made.
+  // Only the ELF headers remain (bit 4). QEMU and the main-process runner inherit the filter.
+  Fd filter(::open("/proc/self/coredump_filter", O_WRONLY | O_CLOEXEC));
+  if (!filter || !writeAll(filter.get(), "0x10\n")) {
+    return makeError(Errc::System, "setting /proc/self/coredump_filter", errno);
+  }
   if (!config.vfs.mounts.empty()) {
     // Every node the guest's kernel keeps of a host tree is an O_PATH fd here (docs/vfs.md).
     rlimit lim{};

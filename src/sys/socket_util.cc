@@ -293,4 +293,19 @@ Status setTimeouts(int fd, int timeout_ms) {
   return ok();
 }
 
+Status requireSameUid(int fd) {
+  ucred cred{};
+  socklen_t len = sizeof(cred);
+  if (::getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) != 0) {
+    return makeError(Errc::System, "SO_PEERCRED", errno);
+  }
+  if (cred.uid != ::geteuid()) {
+    return makeError(Errc::PermissionDenied,
+                     fmt::format("refused a connection from uid {} (pid {}): only uid {} may use "
+                                 "this sandbox",
+                                 cred.uid, cred.pid, ::geteuid()));
+  }
+  return ok();
+}
+
 }  // namespace matchlock::sys

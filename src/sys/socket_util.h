@@ -51,6 +51,10 @@ Result<Fd> connectUnixNonBlocking(const std::string& path);
 /// is replaced).
 Result<Fd> listenUnix(const std::string& path, int backlog = 64);
 
+/// Checks a connected Unix socket's peer (SO_PEERCRED): ok when it runs as our effective uid,
+/// a PermissionDenied error naming its uid and pid otherwise.
+Status requireSameUid(int fd);
+
 /// accept4 with SOCK_NONBLOCK|SOCK_CLOEXEC. Returns an empty Fd on EAGAIN.
 Result<Fd> acceptNonBlocking(int listen_fd, SockAddr* peer = nullptr);
 

@@ -131,8 +131,13 @@ def test_two_sandboxes_at_once_and_rm_refuses_running(vm):
 def test_dead_supervisor_is_reported_as_crashed_and_cleaned_up(vm):
     sid = vm.run("run", "-d", "--image", "busybox:latest", check=True).stdout.strip()
     [row] = vm.sandboxes()
+    assert qemu_pids(sid) != []
     os.kill(row["pid"], signal.SIGKILL)
-    time.sleep(0.5)
+    # The VMM dies with its supervisor (PR_SET_PDEATHSIG), before any command looks.
+    deadline = time.monotonic() + 1.0
+    while qemu_pids(sid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert qemu_pids(sid) == [], "QEMU outlived its supervisor by more than 1 s"
     [row] = vm.sandboxes()
     assert row["status"] == "crashed"
     r = vm.run("exec", sid, "--", "true")
