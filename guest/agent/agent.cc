@@ -86,7 +86,7 @@ void Agent::newMux() {
     if (port == guestproto::kPortExec) {
       sessions_[stream] = std::make_unique<ExecSession>(
           loop_, *mux_, stream, [this] { scheduleFlush(); }, options_.cgroup_procs,
-          &options_.base_env);
+          &options_.base_env, false, options_.isolation);
     } else if (port == guestproto::kPortService) {
       sessions_[stream] = std::make_unique<ExecSession>(
           loop_, *mux_, stream, [this] { scheduleFlush(); }, options_.cgroup_procs, nullptr, true);

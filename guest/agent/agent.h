@@ -30,6 +30,8 @@ class Agent {
     std::string cgroup_procs;
     /// Environment every exec starts from (under the request's own env).
     std::map<std::string, std::string> base_env;
+    /// How execs are confined (Namespaces when the sandbox is privileged).
+    Isolation isolation = Isolation::Full;
     /// Host-served filesystems, mounted when the host first connects and before the agent
     /// reports ready (a failed mount is reported instead of readiness).
     std::vector<VfsRelay::Spec> vfs;

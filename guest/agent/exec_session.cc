@@ -13,6 +13,7 @@
 #include <cerrno>
 #include <cstdlib>
 #include <cstring>
+#include <optional>
 #include <vector>
 
 #include <nlohmann/json.hpp>
@@ -65,14 +66,16 @@ void writeAll(int fd, const void* data, size_t len) {
 
 ExecSession::ExecSession(ev::Loop& loop, guestproto::Mux& mux, uint32_t stream,
                          std::function<void()> activity, std::string cgroup_procs,
-                         const std::map<std::string, std::string>* base_env, bool service)
+                         const std::map<std::string, std::string>* base_env, bool service,
+                         Isolation isolation)
     : loop_(loop),
       mux_(mux),
       stream_(stream),
       activity_(std::move(activity)),
       cgroup_procs_(std::move(cgroup_procs)),
       base_env_(service ? nullptr : base_env),
-      service_(service) {}
+      service_(service),
+      isolation_(service ? Isolation::None : isolation) {}
 
 ExecSession::~ExecSession() {
   // Watches before fds (Watch does not own the fd).
@@ -253,7 +256,20 @@ void ExecSession::start(std::string_view payload) {
   const char* cgroup = cgroup_procs_.empty() ? nullptr : cgroup_procs_.c_str();
   uid_t uid = user->uid;
   gid_t gid = user->gid;
+  const bool confine = isolation_ != Isolation::None;
+  const bool harden = isolation_ == Isolation::Full;
 
+  // The exec's own PID namespace: its init first, then the process below as pid 2 there (our
+  // child all the same, so that its real status is ours to report).
+  std::optional<ExecPidNamespace> pid_ns;
+  if (confine) {
+    auto ns = ExecPidNamespace::enter();
+    if (!ns) {
+      fail(126, fmt::format("confining the process: {}", ns.error().message()));
+      return;
+    }
+    pid_ns.emplace(std::move(*ns));
+  }
   pid_t pid = ::fork();
   if (pid < 0) {
     fail(126, fmt::format("fork: {}", std::strerror(errno)));
@@ -285,6 +301,15 @@ void ExecSession::start(std::string_view payload) {
     if (::dup2(in_fd, 0) < 0 || ::dup2(out_fd, 1) < 0 || ::dup2(err_fd, 2) < 0) {
       ::_exit(126);
     }
+    int confined = confine ? confineMounts() : 0;
+    if (confined == 0 && harden) {
+      confined = hardenProcess();
+    }
+    if (confined != 0) {
+      int report[2] = {4, confined};
+      writeAll(errpipe->write.get(), report, sizeof(report));
+      ::_exit(126);
+    }
     stage = 1;
     if (::chdir(cwd.c_str()) == 0) {
       stage = 2;
@@ -300,7 +325,8 @@ void ExecSession::start(std::string_view payload) {
     ::_exit(127);
   }
 
-  // Parent.
+  // Parent: our later children are ours again; the init starts watching pid 2.
+  pid_ns.reset();
   pid_ = pid;
   errpipe->write.reset();
   child_in.reset();
@@ -349,7 +375,10 @@ void ExecSession::onExecReport() {
   report_.reset();
   if (n == static_cast<ssize_t>(sizeof(report))) {
     // The child failed before exec; it exits 127 and is reaped as usual.
-    const char* what = report[0] == 1 ? "chdir" : report[0] == 2 ? "switching user" : "exec";
+    const char* what = report[0] == 1   ? "chdir"
+                       : report[0] == 2 ? "switching user"
+                       : report[0] == 4 ? "confining"
+                                        : "exec";
     std::string error =
         fmt::format("{} {}: {}", what, report[0] == 1 ? cwd_ : argv0_, std::strerror(report[1]));
     int code = (report[0] == 3 && report[1] == ENOENT) ? 127 : 126;

@@ -12,6 +12,7 @@
 
 #include "common/fd.h"
 #include "ev/loop.h"
+#include "guest/agent/confine.h"
 #include "guestproto/exec.h"
 #include "guestproto/mux.h"
 
@@ -27,7 +28,8 @@ class ExecSession {
   /// can flush the channel (the session's own fd callbacks run outside the owner's code paths).
   ExecSession(ev::Loop& loop, guestproto::Mux& mux, uint32_t stream, std::function<void()> activity,
               std::string cgroup_procs = "",
-              const std::map<std::string, std::string>* base_env = nullptr, bool service = false);
+              const std::map<std::string, std::string>* base_env = nullptr, bool service = false,
+              Isolation isolation = Isolation::Full);
   ExecSession(const ExecSession&) = delete;
   ExecSession& operator=(const ExecSession&) = delete;
   ExecSession(ExecSession&&) = delete;
@@ -72,6 +74,7 @@ class ExecSession {
   std::string cgroup_procs_;
   const std::map<std::string, std::string>* base_env_ = nullptr;  ///< owned by the Agent
   bool service_ = false;
+  Isolation isolation_ = Isolation::Full;  ///< None for service streams
   guestproto::ExecMessageReader reader_;
   bool started_ = false;
   bool tty_ = false;

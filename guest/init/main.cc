@@ -14,7 +14,8 @@
 // matchlock.config=serial:NAME (the boot config disk: one JSON document with the environment
 // of every process, the sandbox CA and /etc/hosts additions; see docs/egress.md),
 // matchlock.disk.<serial>=<mount>[,ro] (a named volume or raw ext4 disk, mounted before the agent
-// starts; see docs/vm-runtime.md).
+// starts; see docs/vm-runtime.md), matchlock.privileged=1 (execs keep every capability: no
+// capability cut, no_new_privs or seccomp; see docs/threat-model.md).
 #include <dirent.h>
 #include <fcntl.h>
 #include <fmt/format.h>
@@ -98,18 +99,12 @@ std::string findVirtioPort(const std::string& name) {
   return findDevice("/sys/class/virtio-ports", "name", name);
 }
 
-int serve(Fd channel, bool reconnectable, const std::string& cgroup_procs = "",
-          std::map<std::string, std::string> base_env = {}, std::vector<VfsRelay::Spec> vfs = {}) {
+int serve(Fd channel, Agent::Options opts) {
   auto loop = ev::Loop::create();
   if (!loop) {
     logLine("event loop: {}", loop.error().toString());
     return 70;
   }
-  Agent::Options opts;
-  opts.reconnectable = reconnectable;
-  opts.cgroup_procs = cgroup_procs;
-  opts.base_env = std::move(base_env);
-  opts.vfs = std::move(vfs);
   opts.version = kVersion;
   auto agent = Agent::create(**loop, std::move(channel), opts);
   if (!agent) {
@@ -504,7 +499,14 @@ std::string setupCgroup(const std::string& cpus) {
     logLine("open {}: {}", port, std::strerror(errno));
     powerOff();
   }
-  int rc = serve(std::move(channel), true, cgroup_procs, std::move(base_env), std::move(vfs));
+  Agent::Options opts;
+  opts.reconnectable = true;
+  opts.cgroup_procs = cgroup_procs;
+  opts.base_env = std::move(base_env);
+  opts.vfs = std::move(vfs);
+  opts.isolation =
+      kernelParam("matchlock.privileged") == "1" ? Isolation::Namespaces : Isolation::Full;
+  int rc = serve(std::move(channel), std::move(opts));
   logLine("agent finished ({}); powering off", rc);
   powerOff();
 }
@@ -514,6 +516,9 @@ std::string setupCgroup(const std::string& cpus) {
 
 int main(int argc, char** argv) {
   using matchlock::guest::logLine;
+  if (argc >= 1 && std::strcmp(argv[0], matchlock::guest::kExecInitName) == 0) {
+    matchlock::guest::runExecInit();  // before the PID-1 check: it is PID 1 of its namespace
+  }
   if (::getpid() == 1) {
     matchlock::guest::init();
   }
@@ -535,7 +540,7 @@ int main(int argc, char** argv) {
       return 64;
     }
     (void)::fcntl(fd, F_SETFD, FD_CLOEXEC);
-    return matchlock::guest::serve(matchlock::Fd(fd), false);
+    return matchlock::guest::serve(matchlock::Fd(fd), matchlock::guest::Agent::Options{});
   }
   std::fprintf(stderr, "usage: matchlock-guest version | selftest | agent --fd N\n");
   return 64;

@@ -53,6 +53,7 @@ struct RunOptions {
   std::string workdir;
   std::string user;
   std::string hostname;
+  bool privileged = false;
   std::string accel = "auto";
   double cpus = spec::kDefaultCpus;
   int64_t memory = spec::kDefaultMemoryMib;
@@ -388,6 +389,7 @@ Result<int> runCommand(const RunOptions& o) {
   if (!o.user.empty()) {
     sb.user = o.user;
   }
+  sb.privileged = o.privileged;
   ML_RETURN_IF_ERROR(applyNetworkFlags(o, sb));
   ML_RETURN_IF_ERROR(applyVolumeFlags(o, sb));
   ML_RETURN_IF_ERROR(applyDiskFlags(o, sb));
@@ -867,6 +869,9 @@ void addVmCommands(CLI::App& app, CommandContext& ctx) {
   r->add_option("--memory", run->memory, "Memory in MiB");
   r->add_option("--disk-size", run->disk, "Writable disk in MiB");
   r->add_option("--hostname", run->hostname, "Guest hostname (default: the sandbox ID)");
+  r->add_flag("--privileged", run->privileged,
+              "Keep every capability in the guest's execs: no capability cut, no_new_privs or "
+              "seccomp filter (they still get their own PID and mount namespaces)");
   r->add_option("--accel", run->accel, "kvm, tcg or auto (MATCHLOCK_ACCEL)")
       ->check(CLI::IsMember({"kvm", "tcg", "auto"}));
   r->add_option("--boot-timeout", run->boot_timeout, "Seconds to wait for the guest to boot");

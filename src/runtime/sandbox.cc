@@ -320,6 +320,10 @@ Result<std::string> launch(state::Store& store, const spec::SandboxSpec& spec,
   cfg.vm.kernel_params = {"matchlock.root=serial:image", "matchlock.upper=serial:upper",
                           "matchlock.hostname=" + hostname,
                           fmt::format("matchlock.cpus={}", spec.cpus)};
+  if (spec.privileged) {
+    // Execs keep their namespaces but not the capability cut, no_new_privs or seccomp.
+    cfg.vm.kernel_params.emplace_back("matchlock.privileged=1");
+  }
   // The spec's working directory exists in the guest even when the image lacks it (a kernel
   // parameter cannot hold whitespace: such a path is left to the image).
   if (spec.workdir && spec.workdir->find_first_of(" \t\n") == std::string::npos) {

@@ -138,7 +138,8 @@ def test_cancel_kills_the_process_group_within_5s(agent):
     e = gp.Exec(agent, ["sh", "-c", "trap '' TERM; sleep 100 & echo $!; wait"])
     deadline = time.monotonic() + 10
     agent.pump(deadline, lambda: (e.drain(), e.pid is not None and b"\n" in e.stdout)[1])
-    child = int(bytes(e.stdout).split()[0])
+    # $! is the pid in the exec's own PID namespace; the host sees the shell's child by its own.
+    [child] = map(int, open(f"/proc/{e.pid}/task/{e.pid}/children").read().split())
     assert alive(e.pid) and alive(child)
     start = time.monotonic()
     agent.send_frame(gp.RESET, e.s.id, struct.pack(">I", 8) + b"cancelled")
