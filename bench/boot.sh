@@ -4,6 +4,8 @@
 #   baseline: a bare qemu-system-x86_64 booting the same guest kernel with an initramfs whose init
 #             powers off at once (matchlock.probe=1);
 #   matchlock run --image busybox -- true   (supervisor, upper disk, overlay root, exec, teardown);
+#   the same with MATCHLOCK_VMM_JAIL=off    (what the VMM's jail costs: namespaces, pivot_root,
+#                                            uid, cgroup, QEMU's -sandbox; interleaved runs);
 #   matchlock exec ID true                  (round trip on a running sandbox).
 # Prints medians and the ratio. Never a test: numbers move with machine load.
 #   bench/boot.sh [N]
@@ -40,11 +42,16 @@ for ((i = 0; i < n; i++)); do
   grep -q "init reached" "$tmp/out" || { echo "bare boot $i did not reach init" >&2; exit 1; }
   echo "$(now) - $s" | bc
 done >"$tmp/bare"
+: >"$tmp/run"
+: >"$tmp/unjailed"
 for ((i = 0; i < n; i++)); do
   s=$(now)
   "$ml" run --image busybox:latest -- true
-  echo "$(now) - $s" | bc
-done >"$tmp/run"
+  echo "$(now) - $s" | bc >>"$tmp/run"
+  s=$(now)
+  MATCHLOCK_VMM_JAIL=off "$ml" run --image busybox:latest -- true
+  echo "$(now) - $s" | bc >>"$tmp/unjailed"
+done
 id=$("$ml" run -d --image busybox:latest)
 for ((i = 0; i < n; i++)); do
   s=$(now)
@@ -54,10 +61,14 @@ done >"$tmp/exec"
 
 bare=$(median <"$tmp/bare")
 run=$(median <"$tmp/run")
+unjailed=$(median <"$tmp/unjailed")
 exec_rt=$(median <"$tmp/exec")
 printf 'accelerator                                : %s\n' "$MATCHLOCK_ACCEL"
 printf 'bare qemu boot to power-off (median of %d)  : %.3f s\n' "$n" "$bare"
 printf 'matchlock run --image busybox -- true       : %.3f s\n' "$run"
 printf 'ratio run / bare boot                       : %.2fx (goal <= 1.15x)\n' \
   "$(echo "$run / $bare" | bc -l)"
+printf 'the same, VMM not jailed (JAIL=off)         : %.3f s\n' "$unjailed"
+printf 'ratio jailed / not jailed                   : %.3fx (goal <= 1.05x)\n' \
+  "$(echo "$run / $unjailed" | bc -l)"
 printf 'matchlock exec ID true round trip           : %.3f s\n' "$exec_rt"

@@ -78,6 +78,7 @@ constexpr std::array<int, 5> kDroppedCaps = {CAP_SYS_PTRACE, CAP_SYS_ADMIN, CAP_
 }  // namespace
 
 [[noreturn]] void runExecInit() {
+  (void)::prctl(PR_SET_NAME, "exec-init", 0, 0, 0);  // comm, not "exe" (/proc/self/exe)
   // Nothing of the agent's may stay open here (its fds are CLOEXEC; this is the belt).
   (void)::syscall(SYS_close_range, 4U, ~0U, 0U);
   sigset_t chld;

@@ -28,6 +28,7 @@
 #include "runtime/volumes.h"
 #include "spec/normalize.h"
 #include "supervisor/supervisor.h"
+#include "sys/cgroup.h"
 #include "sys/netns.h"
 #include "sys/process.h"
 #include "sys/process_ref.h"
@@ -820,6 +821,16 @@ Status teardown(state::Store& store, const state::SandboxRecord& r, const std::s
   }
   if (ec) {
     return makeError(Errc::System, fmt::format("removing {}", run_dir), ec.value());
+  }
+  // The jailed VMM's cgroup: its supervisor removes it, unless it was killed first. A VMM just
+  // killed may take a moment to leave it (EBUSY): bounded like the run dir above.
+  for (int attempt = 0;; ++attempt) {
+    Status st = sys::SandboxCgroup::remove(r.id);
+    if (st || attempt == 9) {
+      ML_RETURN_IF_ERROR(st);
+      break;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
   }
   ML_ASSIGN_OR_RETURN(auto resources, store.listResources(r.id));
   for (const auto& res : resources) {

@@ -14,6 +14,8 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <charconv>
+#include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <list>
@@ -27,6 +29,7 @@
 #include "guestproto/frame.h"
 #include "guestproto/mux.h"
 #include "state/store.h"
+#include "sys/cgroup.h"
 #include "sys/ext4.h"
 #include "sys/process.h"
 #include "sys/process_ref.h"
@@ -38,15 +41,18 @@ namespace matchlock::supervisor {
 std::string controlSocketPath(const std::string& run_dir) {
   return run_dir + "/control.sock";
 }
+std::string vmmDirPath(const std::string& run_dir) {
+  return run_dir + "/vmm";
+}
 std::string channelSocketPath(const std::string& run_dir) {
-  return run_dir + "/channel.sock";
+  return vmmDirPath(run_dir) + "/channel.sock";
 }
 std::string mainLogPath(const std::string& run_dir) {
   return run_dir + "/main.log";
 }
 
 std::string consoleLogPath(const std::string& run_dir) {
-  return run_dir + "/console.log";
+  return vmmDirPath(run_dir) + "/console.log";
 }
 
 std::string eventsPath(const std::string& home, const std::string& sandbox_id) {
@@ -144,7 +150,7 @@ Result<Config> configFromJson(const nlohmann::json& j) {
       c.owner = sys::ProcessRef{o->at("pid").get<pid_t>(), o->at("start_time").get<uint64_t>()};
     }
     c.vm.channel_socket = channelSocketPath(c.run_dir);
-    c.vm.control_socket = c.run_dir + "/qmp.sock";
+    c.vm.control_socket = vmmDirPath(c.run_dir) + "/qmp.sock";
     c.vm.console_log = consoleLogPath(c.run_dir);
     return c;
   } catch (const nlohmann::json::exception& e) {
@@ -165,6 +171,12 @@ void logIfFailed(const Result<T>& st, std::string_view what) {
 constexpr size_t kReadChunk = 64 * 1024;
 constexpr size_t kClientHighWater = 1024 * 1024;
 constexpr std::chrono::milliseconds kStopGrace{5000};
+/// First uid of the jailed VMMs' range (docs/threat-model.md): far above login users and the
+/// usual /etc/subuid ranges.
+constexpr uint64_t kVmmUidBase = 1600000000;
+/// memory.max of a jailed VMM = guest RAM + this: QEMU itself, its TCG translation cache
+/// (tb-size 256 MiB), I/O buffers.
+constexpr int64_t kVmmMemoryMarginMib = 512;
 
 using sys::runTool;
 
@@ -299,6 +311,7 @@ class Supervisor {
 
  private:
   void record(state::SandboxStatus status, const std::string& error = "");
+  Status prepareVmm();
   Status startNetwork(sys::SpawnOptions& qemu_opts);
   Status startVfs();
   guestproto::StreamChannel guestChannel(uint32_t port);
@@ -334,6 +347,7 @@ class Supervisor {
   std::unique_ptr<vfs::SandboxVfs> vfs_;
   std::unique_ptr<ports::SandboxPorts> ports_;
   std::unique_ptr<health::Checker> health_;
+  sys::SandboxCgroup cgroup_;  ///< the jailed VMM's; removed after qemu_ is gone
   sys::ChildProcess qemu_;
   ev::Watch qemu_watch_;
   sys::ChildProcess main_;  ///< `matchlock __main`, once the guest is ready
@@ -393,6 +407,7 @@ Status Supervisor::start() {
                            ? keepUpperDisk(config_.upper_disk_path, config_.upper_disk_mib)
                            : makeUpperDisk(config_.upper_disk_path, config_.upper_disk_mib));
   }
+  ML_RETURN_IF_ERROR(prepareVmm());
   ML_ASSIGN_OR_RETURN(listener_, sys::listenUnix(controlSocketPath(config_.run_dir)));
   ML_ASSIGN_OR_RETURN(listener_watch_,
                       loop_.watch(listener_.get(), ev::kRead, [this](uint32_t) { onAccept(); }));
@@ -439,6 +454,73 @@ Status Supervisor::start() {
            config_.sandbox_id);
     (void)qemu_.signal(SIGKILL);
   }));
+  return ok();
+}
+
+/// The VMM's directory (its sockets and console log) and, when we are root, its jail: a uid of
+/// its own (MATCHLOCK_VMM_UID_BASE + our pid: unique while we live, and the VMM never outlives
+/// us), an empty root for the jail's tmpfs, the directory and console log handed to that uid.
+/// MATCHLOCK_VMM_JAIL=off runs the VMM as we run (benchmarks, debugging).
+Status Supervisor::prepareVmm() {
+  const std::string dir = vmmDirPath(config_.run_dir);
+  if (::mkdir(dir.c_str(), 0700) != 0 && errno != EEXIST) {
+    return makeError(Errc::System, fmt::format("creating {}", dir), errno);
+  }
+  const char* off = std::getenv("MATCHLOCK_VMM_JAIL");
+  if (::geteuid() != 0 || (off != nullptr && std::string_view(off) == "off")) {
+    ML_LOG(supervisor, info, "sandbox {}: VMM not jailed ({})", config_.sandbox_id,
+           ::geteuid() != 0 ? "not root" : "MATCHLOCK_VMM_JAIL=off");
+    return ok();
+  }
+  uint64_t base = kVmmUidBase;
+  if (const char* b = std::getenv("MATCHLOCK_VMM_UID_BASE"); b != nullptr && *b != '\0') {
+    uint64_t parsed = 0;
+    std::string_view text(b);
+    auto [end, ec] = std::from_chars(text.data(), text.data() + text.size(), parsed);
+    if (ec != std::errc() || end != text.data() + text.size() || parsed == 0 ||
+        parsed + (uint64_t{1} << 22) > 0xFFFFFFFEULL) {
+      return makeError(Errc::InvalidSpec, fmt::format("MATCHLOCK_VMM_UID_BASE '{}': expected 1..{}",
+                                                      b, 0xFFFFFFFEULL - (uint64_t{1} << 22)));
+    }
+    base = parsed;
+  }
+  vm::VmmJail jail;
+  jail.uid = static_cast<uid_t>(base + static_cast<uint64_t>(::getpid()));
+  jail.gid = static_cast<gid_t>(jail.uid);
+  jail.vmm_dir = dir;
+  jail.root = config_.run_dir + "/jail";
+  if (::mkdir(jail.root.c_str(), 0700) != 0 && errno != EEXIST) {
+    return makeError(Errc::System, fmt::format("creating {}", jail.root), errno);
+  }
+  // An earlier boot's VMM had another uid: everything it may open is handed to this one.
+  const std::string console = consoleLogPath(config_.run_dir);
+  Fd log(::open(console.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0600));
+  if (!log || ::fchown(log.get(), jail.uid, jail.gid) != 0 ||
+      ::chown(dir.c_str(), jail.uid, jail.gid) != 0) {
+    return makeError(Errc::System, fmt::format("handing {} to the VMM's uid", dir), errno);
+  }
+  // Its cgroup: the guest's RAM plus the VMM's own overhead, its threads, its vCPUs plus one CPU
+  // for its I/O threads.
+  sys::CgroupLimits limits;
+  limits.memory_bytes = (config_.vm.memory_mib + kVmmMemoryMarginMib) << 20;
+  limits.pids = static_cast<int64_t>(vm::qemu::kVmmMaxThreads);
+  limits.cpu_quota_us = (vm::vcpuCount(config_.vm.cpus) + 1) * limits.cpu_period_us;
+  auto cgroup = sys::SandboxCgroup::create(config_.sandbox_id, limits);
+  if (cgroup) {
+    cgroup_ = std::move(*cgroup);
+    jail.cgroup_fds = cgroup_.procsFds();
+  } else if (cgroup.error().code() == Errc::Unavailable) {
+    // No cgroup filesystem in our view (`ip netns exec` remounts /sys; a container may have
+    // none): the rest of the jail stands; the limits are missing, and the log says so.
+    ML_LOG(supervisor, warn, "sandbox {}: VMM without a cgroup: {}", config_.sandbox_id,
+           cgroup.error().message());
+  } else {
+    return makeError(std::move(cgroup).error().withContext(
+        "the VMM's cgroup (MATCHLOCK_VMM_JAIL=off runs it unconfined)"));
+  }
+  ML_LOG(supervisor, info, "sandbox {}: VMM jailed as uid {} in {}, cgroup {}", config_.sandbox_id,
+         jail.uid, jail.root, join(cgroup_.dirs(), ", "));
+  config_.vm.jail = std::move(jail);
   return ok();
 }
 
@@ -510,9 +592,13 @@ Status Supervisor::startVfs() {
   channel.pending = [this](uint32_t stream) { return mux_ ? mux_->pendingBytes(stream) : 0; };
   ML_ASSIGN_OR_RETURN(vfs_, vfs::SandboxVfs::create(config_.vfs, std::move(channel)));
   if (config_.vfs.transport == vfs::Transport::VirtioFs) {
-    const std::string socket = config_.run_dir + "/vfs.sock";
+    const std::string socket = vmmDirPath(config_.run_dir) + "/vfs.sock";
     ML_RETURN_IF_ERROR(
         vfs_->serveVirtioFs(loop_, socket, fmt::format("sandbox {}", config_.sandbox_id)));
+    if (config_.vm.jail &&
+        ::chown(socket.c_str(), config_.vm.jail->uid, config_.vm.jail->gid) != 0) {
+      return makeError(Errc::System, fmt::format("handing {} to the VMM's uid", socket), errno);
+    }
     config_.vm.vhost_user_fs_socket = socket;
     config_.vm.vhost_user_fs_tag = std::string(vfs::kVirtioFsTag);
   }
@@ -1181,10 +1267,11 @@ void Supervisor::finish(Status status) {
                 "recording the VM's end");
   }
   listener_watch_.reset();
-  health_.reset();   // no probe outlives the sandbox
-  ports_.reset();    // listeners and forwarded connections closed
-  network_.reset();  // the proxy thread stops; the namespace, TAP and table go
-  vfs_.reset();      // open host files closed, overlay mounts gone with their last fd
+  health_.reset();                 // no probe outlives the sandbox
+  ports_.reset();                  // listeners and forwarded connections closed
+  network_.reset();                // the proxy thread stops; the namespace, TAP and table go
+  vfs_.reset();                    // open host files closed, overlay mounts gone with their last fd
+  cgroup_ = sys::SandboxCgroup();  // QEMU has exited: its cgroup is empty
   (void)::unlink(controlSocketPath(config_.run_dir).c_str());
   (void)::unlink(config_.vm.channel_socket.c_str());
   (void)::unlink(config_.vm.control_socket.c_str());

@@ -78,6 +78,9 @@ Result<Config> configFromJson(const nlohmann::json& j);
 
 /// Paths inside a run directory.
 std::string controlSocketPath(const std::string& run_dir);
+/// The VMM's directory: its sockets (channel, QMP, vhost-user) and console log; the only host
+/// directory a jailed VMM can see (as /run/vmm).
+std::string vmmDirPath(const std::string& run_dir);
 std::string channelSocketPath(const std::string& run_dir);
 std::string consoleLogPath(const std::string& run_dir);
 std::string mainLogPath(const std::string& run_dir);

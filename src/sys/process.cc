@@ -80,8 +80,9 @@ struct SpawnPlan {
   char* const* argv = nullptr;
   char* const* envp = nullptr;
   const SpawnOptions* options = nullptr;
-  pid_t parent = 0;
-  int error = 0;  ///< errno of the step that failed in the child (0: it exec'd)
+  int parent_pidfd = -1;  ///< ours, for the death-signal race check
+  int error = 0;          ///< errno of the step that failed in the child (0: it exec'd)
+  const char* step = "exec";
 };
 
 // The child functions run on a stack of their own in our memory and never return: no sanitizer
@@ -98,6 +99,12 @@ ML_SPAWN_CHILD int redirect(const std::string& path, int target) {
   return rc;
 }
 
+ML_SPAWN_CHILD [[noreturn]] void childFailed(SpawnPlan* plan, const char* step) {
+  plan->error = errno;
+  plan->step = step;
+  ::_exit(127);
+}
+
 ML_SPAWN_CHILD int spawnChild(void* arg) {
   auto* plan = static_cast<SpawnPlan*>(arg);
   const SpawnOptions& o = *plan->options;
@@ -108,56 +115,61 @@ ML_SPAWN_CHILD int spawnChild(void* arg) {
     (void)::sigaction(sig, &dfl, nullptr);
   }
   if (o.new_session && ::setsid() < 0) {
-    plan->error = errno;
-    ::_exit(127);
+    childFailed(plan, "setsid");
   }
-  if (o.parent_death_signal != 0) {
-    // Asked before the check: a parent that died in between has already reparented us.
-    if (::prctl(PR_SET_PDEATHSIG, o.parent_death_signal) != 0) {
-      plan->error = errno;
-      ::_exit(127);
-    }
-    if (::getppid() != plan->parent) {
-      plan->error = ESRCH;
-      ::_exit(127);
-    }
-  }
+  // Files first: their paths are the host's, not the jail's.
   if (o.null_stdin) {
     int fd = ::open("/dev/null", O_RDONLY | O_CLOEXEC);
     if (fd < 0 || ::dup2(fd, 0) < 0) {
-      plan->error = errno;
-      ::_exit(127);
+      childFailed(plan, "opening /dev/null");
     }
     (void)::close(fd);
   }
   if (!o.stdout_path.empty() && redirect(o.stdout_path, 1) < 0) {
-    plan->error = errno;
-    ::_exit(127);
+    childFailed(plan, "opening the output file");
   }
   if (!o.stderr_path.empty()) {
     int rc = o.stderr_path == o.stdout_path ? ::dup2(1, 2) : redirect(o.stderr_path, 2);
     if (rc < 0) {
-      plan->error = errno;
-      ::_exit(127);
+      childFailed(plan, "opening the error file");
     }
   }
   for (int fd : o.inherit_fds) {
     int flags = ::fcntl(fd, F_GETFD);
     if (flags < 0 || ::fcntl(fd, F_SETFD, flags & ~FD_CLOEXEC) < 0) {
-      plan->error = errno;
-      ::_exit(127);
+      childFailed(plan, "passing a descriptor");
+    }
+  }
+  if (o.jail != nullptr) {
+    const char* step = "entering the jail";
+    if (int err = enterJail(*o.jail, &step); err != 0) {
+      errno = err;
+      childFailed(plan, step);
+    }
+  }
+  if (o.parent_death_signal != 0) {
+    // After any uid change (which clears it). Then the race: a parent that died before we
+    // asked has signalled nothing, so look at it through its pidfd (getppid() says nothing in
+    // a new PID namespace).
+    if (::prctl(PR_SET_PDEATHSIG, o.parent_death_signal) != 0) {
+      childFailed(plan, "setting the parent-death signal");
+    }
+    pollfd p{plan->parent_pidfd, POLLIN, 0};
+    if (::poll(&p, 1, 0) != 0) {
+      errno = ESRCH;
+      childFailed(plan, "checking the parent");
     }
   }
   sigset_t none;
   sigemptyset(&none);
   (void)::sigprocmask(SIG_SETMASK, &none, nullptr);
   ::execve(plan->path, plan->argv, plan->envp);
-  plan->error = errno;
-  ::_exit(127);
+  childFailed(plan, "exec");
 }
 
-/// posix_spawnp's lookup: a name without a slash is searched in PATH.
-std::optional<std::string> findExecutable(const std::string& name) {
+}  // namespace
+
+Result<std::string> findExecutable(const std::string& name) {
   if (name.find('/') != std::string::npos) {
     return name;
   }
@@ -172,17 +184,15 @@ std::optional<std::string> findExecutable(const std::string& name) {
       return candidate;
     }
   }
-  return std::nullopt;
+  return makeError(Errc::NotFound, fmt::format("{} is not in PATH", name), ENOENT);
 }
-
-}  // namespace
 
 Result<ChildProcess> ChildProcess::spawn(const std::vector<std::string>& argv,
                                          const SpawnOptions& options) {
   if (argv.empty()) {
     return makeError(Errc::Internal, "spawn with an empty argv");
   }
-  std::optional<std::string> path = findExecutable(argv[0]);
+  auto path = findExecutable(argv[0]);
   if (!path) {
     return makeError(Errc::NotFound, fmt::format("spawning {}", argv[0]), ENOENT);
   }
@@ -204,7 +214,18 @@ Result<ChildProcess> ChildProcess::spawn(const std::vector<std::string>& argv,
   plan.argv = args.data();
   plan.envp = options.env ? envp.data() : environ;
   plan.options = &options;
-  plan.parent = ::getpid();
+  Fd parent_pidfd;
+  if (options.parent_death_signal != 0) {
+    parent_pidfd = Fd(static_cast<int>(::syscall(SYS_pidfd_open, ::getpid(), 0)));
+    if (!parent_pidfd) {
+      return makeError(Errc::System, "pidfd_open of ourselves", errno);
+    }
+    plan.parent_pidfd = parent_pidfd.get();
+  }
+  int flags = CLONE_VM | CLONE_VFORK | CLONE_PIDFD | SIGCHLD;
+  if (options.jail != nullptr) {
+    flags |= jailCloneFlags();
+  }
 
   // The child runs on a stack of its own, in our memory, until it execs; with every signal
   // blocked no handler of ours can run in it meanwhile.
@@ -219,8 +240,7 @@ Result<ChildProcess> ChildProcess::spawn(const std::vector<std::string>& argv,
   sigfillset(&all);
   (void)::pthread_sigmask(SIG_SETMASK, &all, &old);
   int pidfd = -1;
-  pid_t pid = ::clone(spawnChild, static_cast<char*>(stack) + kStack,
-                      CLONE_VM | CLONE_VFORK | CLONE_PIDFD | SIGCHLD, &plan, &pidfd);
+  pid_t pid = ::clone(spawnChild, static_cast<char*>(stack) + kStack, flags, &plan, &pidfd);
   int clone_errno = errno;
   (void)::pthread_sigmask(SIG_SETMASK, &old, nullptr);
   (void)::munmap(stack, kStack);
@@ -236,7 +256,7 @@ Result<ChildProcess> ChildProcess::spawn(const std::vector<std::string>& argv,
     (void)::waitid(P_PIDFD, static_cast<id_t>(pidfd), &info, WEXITED);
     child.pid_ = -1;
     return makeError(plan.error == ENOENT ? Errc::NotFound : Errc::System,
-                     fmt::format("spawning {}", argv[0]), plan.error);
+                     fmt::format("spawning {}: {}", argv[0], plan.step), plan.error);
   }
   child.start_time_ = processStartTime(pid).value_or(0);
   return child;

@@ -10,6 +10,7 @@
 
 #include "common/fd.h"
 #include "common/result.h"
+#include "sys/jail.h"
 
 namespace matchlock::sys {
 
@@ -27,9 +28,16 @@ struct SpawnOptions {
   /// A signal the child gets when the thread that spawned it dies (PR_SET_PDEATHSIG, checked
   /// against the race with a parent that died before it was set); 0 = none.
   int parent_death_signal = 0;
+  /// A jail the child enters before exec (planJail; owned by the caller until spawn returns).
+  /// Paths in argv are then paths inside the jail.
+  const JailPlan* jail = nullptr;
   /// The child's whole environment ("NAME=value" each); nullopt = ours.
   std::optional<std::vector<std::string>> env;
 };
+
+/// posix_spawnp's lookup: `name` itself when it holds a slash, else the first executable
+/// PATH/name. NotFound when there is none.
+Result<std::string> findExecutable(const std::string& name);
 
 /// Our environment reduced to what a long-lived helper of ours needs: PATH, HOME, USER, LANG,
 /// LC_*, TZ, TMPDIR, XDG_CACHE_HOME, MATCHLOCK_* and SSL_CERT_*. Everything else (a secret read

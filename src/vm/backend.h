@@ -1,8 +1,11 @@
 // SPDX-License-Identifier: Apache-2.0
 #pragma once
 
+#include <sys/types.h>
+
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -22,6 +25,20 @@ struct DiskSpec {
   std::string path;
   std::string serial;  ///< the guest finds disks by serial (matchlock.root=serial:NAME)
   bool readonly = false;
+  /// Open descriptors for `path` that the VMM inherits (a jailed VMM cannot open host paths):
+  /// read-only, and read-write unless `readonly`. Set by the backend, never serialized.
+  int fd = -1;
+  int rw_fd = -1;
+};
+
+/// Where and as whom the VMM runs when jailed (docs/threat-model.md, "The jailed VMM").
+struct VmmJail {
+  uid_t uid = 0;
+  gid_t gid = 0;
+  std::string root;     ///< an empty host directory the jail's root is mounted on
+  std::string vmm_dir;  ///< host directory (the jail uid's) with every socket and log the VMM
+                        ///< opens; the VMM sees it as /run/vmm
+  std::vector<int> cgroup_fds;  ///< cgroup.procs files the VMM joins before exec
 };
 
 /// Everything a backend needs to boot one sandbox VM.
@@ -44,6 +61,8 @@ struct VmConfig {
   /// then a shared memfd, so that the backend can map it.
   std::string vhost_user_fs_socket;
   std::string vhost_user_fs_tag;
+  /// Unset: the VMM runs as we do, with our view of the filesystem.
+  std::optional<VmmJail> jail;
 };
 
 /// vCPU count for a fractional CPU request.

@@ -14,7 +14,7 @@ import subprocess
 
 import pytest
 
-from framework.vm import VmEnv
+from framework.vm import VmEnv, qemu_pids
 
 pytestmark = pytest.mark.need_qemu
 
@@ -34,11 +34,11 @@ def env(tmp_path_factory, kernel, busybox_tar):
     probe_dir.mkdir()
     subprocess.run(["gcc", "-static", "-O1", "-o", str(probe_dir / "probe"), PROBE_SRC],
                    check=True, capture_output=True)
-    e.plain = e.run("run", "-d", "--image", "busybox:latest", "-v", f"{probe_dir}:/probe:ro",
+    e.plain = e.run("run", "-d", "--image", "busybox:latest", "-v", f"{probe_dir}:/workspace/probe:ro",
                     "--allow-host", "api.example.com", "--secret", "ML_TEST_TOKEN@api.example.com",
                     env={"ML_TEST_TOKEN": SECRET}, timeout=300, check=True).stdout.split()[-1]
     e.privileged = e.run("run", "-d", "--privileged", "--image", "busybox:latest", "-v",
-                         f"{probe_dir}:/probe:ro", timeout=300, check=True).stdout.split()[-1]
+                         f"{probe_dir}:/workspace/probe:ro", timeout=300, check=True).stdout.split()[-1]
     yield e
     e.run("rm", "-f", e.plain, e.privileged, timeout=120)
     assert e.run_dirs() == []
@@ -52,7 +52,7 @@ def sh(env, sid, script, **kw):
 
 def status_fields(env, sid):
     text = sh(env, sid, "cat /proc/self/status")
-    return dict(re.findall(r"^(\w+):\s*(.*)$", text, re.M))
+    return dict(re.findall(r"^(\w+):[ \t]*(.*)$", text, re.M))
 
 
 @pytest.mark.parametrize("which", ["plain", "privileged"])
@@ -63,7 +63,7 @@ def test_an_exec_sees_only_its_own_processes(env, which):
     procs = {int(pid): args for pid, args in rows}
     # Its own namespace's init, then the shell (or ps, when the shell execs it): neither the
     # agent (the guest's PID 1) nor any other exec is in view, whatever the privileges.
-    assert procs[1] == "matchlock-exec-init", out
+    assert "matchlock-exec-init" in procs[1], out
     assert all("ps -o pid,args" in args for pid, args in procs.items() if pid != 1), out
     assert len(procs) <= 3, out
     # Signals cannot reach the agent either: pid 1 here is the namespace's init, which ignores
@@ -86,7 +86,7 @@ def test_the_workload_loses_admin_capabilities_and_runs_under_seccomp(env):
     assert f["NoNewPrivs"] == "1" and f["Seccomp"] == "2", f
     r = env.run("exec", env.plain, "--", "sh", "-c", "mount -t tmpfs none /mnt")
     assert r.returncode != 0
-    assert sh(env, env.plain, "/probe/probe").split() == [
+    assert sh(env, env.plain, "/workspace/probe/probe").split() == [
         "ptrace=EPERM", "process_vm_readv=EPERM", "kexec_load=EPERM", "kexec_file_load=EPERM"]
 
 
@@ -95,11 +95,11 @@ def test_privileged_keeps_every_capability_and_call(env):
     eff = int(f["CapEff"], 16)
     assert all(eff & (1 << cap) for cap in DROPPED), f["CapEff"]
     assert f["NoNewPrivs"] == "0" and f["Seccomp"] == "0", f
-    out = sh(env, env.privileged, "/probe/probe").split()
-    assert out[:2] == ["ptrace=ok", "process_vm_readv=ok"], out
-    # The guest kernel has no kexec: the call exists for the filter only, so unfiltered it is
-    # ENOSYS, never the filter's EPERM.
-    assert "kexec_load=EPERM" not in out and "kexec_file_load=EPERM" not in out, out
+    out = sh(env, env.privileged, "/workspace/probe/probe").split()
+    assert out[0] == "ptrace=ok", out
+    # The guest kernel has neither kexec nor cross-memory attach (tinyconfig): unfiltered those
+    # calls are ENOSYS, never the filter's EPERM (which the plain sandbox gets).
+    assert not [o for o in out if o.endswith("=EPERM")], out
 
 
 def test_a_non_root_user_in_the_guest_has_no_capabilities(env):
@@ -151,9 +151,12 @@ def test_the_control_socket_refuses_another_uid(env, tmp_path):
             if want != mode:
                 os.chmod(d, want)
                 opened.append((d, mode))
+        # The refusal comes at once and the socket closes: the request may meet a closed pipe.
         script = ("import socket,sys\n"
                   "s=socket.socket(socket.AF_UNIX); s.connect(sys.argv[1])\n"
-                  "s.sendall(b'{\"op\": \"status\"}\\n'); print(s.makefile().readline())\n")
+                  "try:\n    s.sendall(b'{\"op\": \"status\"}\\n')\n"
+                  "except BrokenPipeError:\n    pass\n"
+                  "print(s.makefile().readline())\n")
         r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
                             "/usr/bin/python3", "-c", script, str(sock)],
                            capture_output=True, text=True, timeout=30)
@@ -182,3 +185,61 @@ def test_a_core_of_the_supervisor_holds_no_secret(env, tmp_path):
     data = path.read_bytes()
     assert SECRET.encode() not in data
     assert open(f"/proc/{pid}/coredump_filter").read().strip() == "00000010"
+
+
+def vmm_of(env, sid):
+    [pid] = qemu_pids(sid)
+    return int(pid)
+
+
+def status_of(pid):
+    with open(f"/proc/{pid}/status") as f:
+        return dict(re.findall(r"^(\w+):[ \t]*(.*)$", f.read(), re.M))
+
+
+def cgroup_limit(pid, controller, v1_file, v2_file):
+    """The value of a limit file of the cgroup `pid` is in, v2 or v1 alike."""
+    for line in open(f"/proc/{pid}/cgroup").read().splitlines():
+        num, controllers, path = line.split(":", 2)
+        if num == "0" and os.path.exists(f"/sys/fs/cgroup{path}/{v2_file}"):
+            return path, open(f"/sys/fs/cgroup{path}/{v2_file}").read().strip()
+        if controller in controllers.split(","):
+            return path, open(f"/sys/fs/cgroup/{controller}{path}/{v1_file}").read().strip()
+    raise AssertionError(f"no {controller} cgroup for {pid}")
+
+
+def test_the_vmm_runs_jailed(env):
+    sup = supervisor_pid(env, env.plain)
+    vmm = vmm_of(env, env.plain)
+    st = status_of(vmm)
+    uid = int(st["Uid"].split()[0])
+    assert uid >= 1600000000 and st["Uid"].split() == [str(uid)] * 4, st["Uid"]
+    assert st["Gid"].split() == [str(uid)] * 4 and st["Groups"] == "", st
+    for caps in ("CapPrm", "CapEff", "CapBnd", "CapAmb"):
+        assert int(st[caps], 16) == 0, (caps, st[caps])
+    # no_new_privs, and QEMU's own seccomp filter (-sandbox) on top.
+    assert st["NoNewPrivs"] == "1" and st["Seccomp"] == "2", st
+    for ns in ("mnt", "pid", "ipc", "uts", "net"):
+        assert os.readlink(f"/proc/{vmm}/ns/{ns}") != os.readlink(f"/proc/{sup}/ns/{ns}"), ns
+    # Its root holds /usr (read-only) and the few things it needs; none of the host's files.
+    root = f"/proc/{vmm}/root"
+    assert sorted(os.listdir(root)) == sorted(
+        {"usr", "dev", "boot", "run"} | {d for d in ("bin", "sbin", "lib", "lib32", "lib64",
+                                                      "libx32") if os.path.lexists("/" + d)})
+    assert sorted(os.listdir(f"{root}/dev")) == ["null", "random", "urandom", "zero"]
+    assert sorted(os.listdir(f"{root}/boot")) == ["initramfs", "kernel"]
+    assert {"channel.sock", "console.log", "qmp.sock"} <= set(os.listdir(f"{root}/run/vmm"))
+    for host_path in ("etc/passwd", "root", "home", "tmp", str(env.home).lstrip("/")):
+        assert not os.path.lexists(f"{root}/{host_path}"), host_path
+    # The sandbox's cgroup, with its limits: 512 MiB of guest RAM plus the 512 MiB margin, the
+    # thread cap, and one vCPU plus one CPU for QEMU's own threads.
+    path, mem = cgroup_limit(vmm, "memory", "memory.limit_in_bytes", "memory.max")
+    assert path.endswith(f"/matchlock/{env.plain}"), path
+    assert int(mem) == (512 + 512) << 20
+    assert cgroup_limit(vmm, "pids", "pids.max", "pids.max")[1] == "256"
+    _, cpu = cgroup_limit(vmm, "cpu", "cpu.cfs_quota_us", "cpu.max")
+    assert cpu.split()[0] == "200000", cpu
+    with open(f"/proc/{vmm}/limits") as f:
+        limits = f.read()
+    assert re.search(r"Max processes\s+256\s+256", limits), limits
+    assert re.search(r"Max open files\s+4096\s+4096", limits), limits

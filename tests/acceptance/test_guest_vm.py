@@ -85,7 +85,8 @@ def test_exec_in_a_real_vm_and_clean_shutdown(vm):
     e.stdin(b"")
     ex = e.wait(timeout=60)
     assert ex["code"] == 7
-    assert bytes(e.stdout).decode().split() == ["probe", "init"]
+    # PID 1 of the exec's own namespace, not the agent (the guest's PID 1).
+    assert bytes(e.stdout).decode().split() == ["probe", "exec-init"]
     assert bytes(e.stderr) == b"err\n"
     # stdin streaming and a TTY session inside the VM.
     cat = gp.Exec(client, ["cat"])

@@ -1,6 +1,8 @@
 // SPDX-License-Identifier: Apache-2.0
 #pragma once
 
+#include <sys/resource.h>
+
 #include <chrono>
 #include <string>
 #include <vector>
@@ -9,6 +11,9 @@
 #include "vm/backend.h"
 
 namespace matchlock::vm::qemu {
+
+/// RLIMIT_NPROC of a jailed VMM (its uid is its own): QEMU's vCPU, I/O and worker threads.
+inline constexpr rlim_t kVmmMaxThreads = 256;
 
 /// The QEMU microvm backend.
 class QemuBackend : public Backend {

@@ -78,8 +78,27 @@ def pids_matching(pattern):
     return out.stdout.split()
 
 
-def qemu_pids(sandbox_dir_fragment):
-    return pids_matching(f"qemu-system.*{sandbox_dir_fragment}")
+def qemu_pids(fragment):
+    """VMM processes whose command line (it names the sandbox: `-name <id>`) or environment (a
+    jailed VMM sees no host path, but keeps the supervisor's MATCHLOCK_HOME) holds `fragment`."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmdline = f.read().replace(b"\0", b" ").decode(errors="replace")
+            if "qemu-system" not in cmdline.split(" ", 1)[0]:
+                continue
+            if fragment in cmdline:
+                found.append(entry)
+                continue
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                if fragment.encode() in f.read():
+                    found.append(entry)
+        except OSError:
+            continue  # gone meanwhile
+    return found
 
 
 def supervisor_pids(sandbox_dir_fragment):

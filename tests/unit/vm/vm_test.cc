@@ -98,7 +98,9 @@ TEST_CASE("QEMU argv for a microvm") {
   CHECK(contains(argv, "-no-reboot"));
   CHECK(contains(argv, "2"));  // ceil(1.5) vCPUs
   CHECK(contains(argv, "1024M"));
-  CHECK(contains(argv, "tcg"));
+  CHECK(contains(argv, "tcg,tb-size=256"));
+  CHECK(contains(argv, "matchlock"));  // -name: the sandbox id when there is one
+  CHECK_FALSE(contains(argv, "-sandbox"));
   CHECK(contains(argv, "file=/d/image.ext4,if=none,id=disk0,format=raw,readonly=on"));
   CHECK(contains(argv, "virtio-blk-device,drive=disk1,serial=upper"));
   CHECK(contains(argv, "socket,id=channel,path=/run/x/channel.sock,server=on,wait=off"));
@@ -115,6 +117,32 @@ TEST_CASE("QEMU argv for a microvm") {
   CHECK(contains(fs, "virtio-mmio.force-legacy=false"));
   CHECK(contains(fs, "socket,id=vfs,path=/run/x/vfs.sock"));
   CHECK(contains(fs, "vhost-user-fs-device,chardev=vfs,tag=matchlock,queue-size=1024"));
+  // Jailed: the VMM's paths are the jail's, disks come as fd sets, QEMU's filter is on.
+  c.id = "vm-12345678";
+  c.jail = vm::VmmJail{};
+  c.jail->vmm_dir = "/run/x";
+  c.disks[0].fd = 7;
+  c.disks[1].fd = 8;
+  c.disks[1].rw_fd = 9;
+  auto jailed = vm::qemu::buildArgv(c, "/usr/bin/qemu-system-x86_64");
+  CHECK(contains(jailed, "vm-12345678"));
+  CHECK(
+      contains(jailed, "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"));
+  CHECK(contains(jailed, "/boot/kernel"));
+  CHECK(contains(jailed, "/boot/initramfs"));
+  CHECK_FALSE(contains(jailed, "/k/vmlinux"));
+  CHECK(contains(jailed, "fd=7,set=1"));
+  CHECK(contains(jailed, "fd=8,set=2"));
+  CHECK(contains(jailed, "fd=9,set=2"));
+  CHECK(contains(jailed, "file=/dev/fdset/1,if=none,id=disk0,format=raw,readonly=on"));
+  CHECK(contains(jailed, "file=/dev/fdset/2,if=none,id=disk1,format=raw"));
+  CHECK(contains(jailed, "socket,id=channel,path=/run/vmm/channel.sock,server=on,wait=off"));
+  CHECK(contains(jailed, "unix:/run/vmm/qmp.sock,server=on,wait=off"));
+  CHECK(contains(jailed, "socket,id=vfs,path=/run/vmm/vfs.sock"));
+  CHECK(contains(jailed, "file:/run/vmm/console.log"));
+  c.jail.reset();
+  c.id.clear();
+  c.disks = {{"/d/image.ext4", "image", true}};
   c.vhost_user_fs_socket.clear();
   c.accel = vm::Accel::Kvm;
   auto kvm = vm::qemu::buildArgv(c, "qemu-system-x86_64");
