@@ -516,7 +516,7 @@ def test_hostile_guest_cannot_break_or_escape_the_server(env, tmp_path):
     assert p.returncode == 0, p.stdout + p.stderr
     sid = p.stdout.strip().splitlines()[-1]
     try:
-        console = env.home / "run" / sid / "console.log"
+        console = env.home / "run" / sid / "vmm" / "console.log"
         for _ in range(600):
             text = console.read_text(errors="replace") if console.exists() else ""
             if text.count("stream ended after") >= 2:
