@@ -44,13 +44,21 @@ for ((i = 0; i < n; i++)); do
 done >"$tmp/bare"
 : >"$tmp/run"
 : >"$tmp/unjailed"
+# Interleaved, the order swapped every round: neither side always follows the other's teardown.
+timed_run() { # <jail on|off> <file>
+  local s
+  s=$(now)
+  MATCHLOCK_VMM_JAIL=$1 "$ml" run --image busybox:latest -- true
+  echo "$(now) - $s" | bc >>"$2"
+}
 for ((i = 0; i < n; i++)); do
-  s=$(now)
-  "$ml" run --image busybox:latest -- true
-  echo "$(now) - $s" | bc >>"$tmp/run"
-  s=$(now)
-  MATCHLOCK_VMM_JAIL=off "$ml" run --image busybox:latest -- true
-  echo "$(now) - $s" | bc >>"$tmp/unjailed"
+  if ((i % 2 == 0)); then
+    timed_run on "$tmp/run"
+    timed_run off "$tmp/unjailed"
+  else
+    timed_run off "$tmp/unjailed"
+    timed_run on "$tmp/run"
+  fi
 done
 id=$("$ml" run -d --image busybox:latest)
 for ((i = 0; i < n; i++)); do
