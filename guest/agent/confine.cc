@@ -206,7 +206,7 @@ int hardenProcess() {
   if (::prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0) {
     return errno;
   }
-  sock_fprog prog{static_cast<unsigned short>(kFilter.size()),
+  sock_fprog prog{static_cast<uint16_t>(kFilter.size()),
                   const_cast<sock_filter*>(kFilter.data())};  // NOLINT: the kernel copies it
   if (::syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER, 0, &prog) != 0) {
     return errno;

@@ -61,7 +61,7 @@ Result<JailPlan> planJail(const JailSpec& spec) {
   plan.spec = &spec;
   plan.old_root = spec.root + "/.old";
   std::set<std::string> dirs;
-  auto addDir = [&](const std::string& inside) {
+  auto add_dir = [&](const std::string& inside) {
     for (const std::string& p : parentsOf(inside)) {
       if (dirs.insert(p).second) {
         plan.dirs.push_back(spec.root + p);
@@ -79,7 +79,7 @@ Result<JailPlan> planJail(const JailSpec& spec) {
     if (::stat(b.source.c_str(), &st) != 0) {
       return makeError(Errc::NotFound, fmt::format("jail bind source {}", b.source), errno);
     }
-    addDir(b.target);
+    add_dir(b.target);
     const bool is_dir = S_ISDIR(st.st_mode);
     if (is_dir && dirs.insert(b.target).second) {
       plan.dirs.push_back(spec.root + b.target);
@@ -91,7 +91,7 @@ Result<JailPlan> planJail(const JailSpec& spec) {
       return makeError(Errc::InvalidSpec,
                        fmt::format("jail symlink '{}' is not a clean, unique absolute path", path));
     }
-    addDir(path);
+    add_dir(path);
     plan.links.emplace_back(spec.root + path, target);
   }
   // Parents before children: bind a directory before a file below it is created on top of it.

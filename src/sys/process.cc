@@ -99,8 +99,9 @@ ML_SPAWN_CHILD int redirect(const std::string& path, int target) {
   return rc;
 }
 
-ML_SPAWN_CHILD [[noreturn]] void childFailed(SpawnPlan* plan, const char* step) {
-  plan->error = errno;
+[[noreturn]] ML_SPAWN_CHILD void childFailed(SpawnPlan* plan, const char* step) {
+  // Never 0: the parent takes 0 for "it exec'd".
+  plan->error = errno != 0 ? errno : EINVAL;
   plan->step = step;
   ::_exit(127);
 }
@@ -229,7 +230,7 @@ Result<ChildProcess> ChildProcess::spawn(const std::vector<std::string>& argv,
 
   // The child runs on a stack of its own, in our memory, until it execs; with every signal
   // blocked no handler of ours can run in it meanwhile.
-  constexpr size_t kStack = 256 * 1024;
+  constexpr size_t kStack = size_t{256} * 1024;
   void* stack = ::mmap(nullptr, kStack, PROT_READ | PROT_WRITE,
                        MAP_PRIVATE | MAP_ANONYMOUS | MAP_STACK, -1, 0);
   if (stack == MAP_FAILED) {
