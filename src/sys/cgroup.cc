@@ -39,11 +39,10 @@ Status makeDir(const std::string& path) {
   return ok();
 }
 
-/// The hierarchies as mounted in the mount namespace whose root is `prefix` ("" = ours): the
-/// unified one when it offers memory, pids and cpu; else the v1 mounts of those controllers.
-Result<std::vector<Hierarchy>> hierarchiesAt(const std::string& prefix,
-                                             const std::string& mountinfo) {
-  auto controllers = readFile(prefix + kUnifiedRoot + "/cgroup.controllers");
+/// The hierarchies to use: the unified one when it offers memory, pids and cpu; else the v1
+/// mounts of those controllers (from /proc/self/mountinfo).
+Result<std::vector<Hierarchy>> hierarchies() {
+  auto controllers = readFile(std::string(kUnifiedRoot) + "/cgroup.controllers");
   if (controllers) {
     auto have = split(trim(*controllers), ' ');
     for (const char* want : {"memory", "pids", "cpu"}) {
@@ -52,9 +51,9 @@ Result<std::vector<Hierarchy>> hierarchiesAt(const std::string& prefix,
                          fmt::format("the cgroup v2 hierarchy lacks the {} controller", want));
       }
     }
-    return std::vector<Hierarchy>{{prefix + kUnifiedRoot, ""}};
+    return std::vector<Hierarchy>{{kUnifiedRoot, ""}};
   }
-  std::ifstream in(mountinfo);
+  std::ifstream in("/proc/self/mountinfo");
   std::vector<Hierarchy> out;
   std::string line;
   while (std::getline(in, line)) {
@@ -80,7 +79,7 @@ Result<std::vector<Hierarchy>> hierarchiesAt(const std::string& prefix,
     head >> id >> parent >> dev >> root >> mount;
     for (const std::string& opt : split(options, ',')) {
       if (opt == "memory" || opt == "pids" || opt == "cpu") {
-        out.push_back({prefix + mount, opt});
+        out.push_back({mount, opt});
       }
     }
   }
@@ -89,10 +88,6 @@ Result<std::vector<Hierarchy>> hierarchiesAt(const std::string& prefix,
                      "no cgroup hierarchy with the memory, pids and cpu controllers is mounted");
   }
   return out;
-}
-
-Result<std::vector<Hierarchy>> hierarchies() {
-  return hierarchiesAt("", "/proc/self/mountinfo");
 }
 
 }  // namespace
