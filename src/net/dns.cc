@@ -104,6 +104,39 @@ std::string dnsQuestionName(std::string_view msg, uint16_t* qtype, size_t* end) 
   return name.empty() ? "." : normalizeHost(name);
 }
 
+std::vector<DnsAddress> dnsAnswerAddresses(std::string_view msg, size_t off) {
+  std::vector<DnsAddress> out;
+  if (msg.size() < kHeader) {
+    return out;
+  }
+  uint16_t ancount = get16(msg, 6);
+  for (uint16_t i = 0; i < ancount; ++i) {
+    off = skipName(msg, off);
+    if (off == std::string_view::npos || off + 10 > msg.size()) {
+      break;
+    }
+    uint16_t type = get16(msg, off);
+    uint16_t klass = get16(msg, off + 2);
+    uint32_t ttl = (static_cast<uint32_t>(get16(msg, off + 4)) << 16) | get16(msg, off + 6);
+    uint16_t rdlen = get16(msg, off + 8);
+    off += 10;
+    if (off + rdlen > msg.size()) {
+      break;
+    }
+    char text[INET6_ADDRSTRLEN] = {};
+    if (klass == kClassIn && type == kTypeA && rdlen == 4) {
+      ::inet_ntop(AF_INET, msg.data() + off, text, sizeof(text));
+    } else if (klass == kClassIn && type == kTypeAaaa && rdlen == 16) {
+      ::inet_ntop(AF_INET6, msg.data() + off, text, sizeof(text));
+    }
+    if (text[0] != '\0') {
+      out.push_back(DnsAddress{text, ttl});
+    }
+    off += rdlen;
+  }
+  return out;
+}
+
 void DnsPins::pin(std::string_view name, std::string_view ip, std::chrono::seconds ttl) {
   auto keep = std::max(ttl, kMinPin);
   auto until = Clock::now() + keep;
@@ -254,32 +287,12 @@ void DnsResolver::onUpstream(uint16_t upstream_id) {
   if (qname != pq.name) {
     return;
   }
-  uint16_t ancount = get16(msg, 6);
-  for (uint16_t i = 0; i < ancount && off != std::string::npos; ++i) {
-    off = skipName(msg, off);
-    if (off == std::string::npos || off + 10 > msg.size()) {
-      break;
-    }
-    uint16_t type = get16(msg, off);
-    uint16_t klass = get16(msg, off + 2);
-    uint32_t ttl = (static_cast<uint32_t>(get16(msg, off + 4)) << 16) | get16(msg, off + 6);
-    uint16_t rdlen = get16(msg, off + 8);
-    off += 10;
-    if (off + rdlen > msg.size()) {
-      break;
-    }
-    char text[INET6_ADDRSTRLEN] = {};
-    if (klass == kClassIn && type == kTypeA && rdlen == 4) {
-      ::inet_ntop(AF_INET, msg.data() + off, text, sizeof(text));
-    } else if (klass == kClassIn && type == kTypeAaaa && rdlen == 16) {
-      ::inet_ntop(AF_INET6, msg.data() + off, text, sizeof(text));
-    }
-    if (text[0] != '\0' && pins_ != nullptr) {
+  for (const DnsAddress& a : dnsAnswerAddresses(msg, off)) {
+    if (pins_ != nullptr) {
       // CNAME chains: every address in the answer is pinned for the name that was asked.
-      pins_->pin(pq.name, text, std::chrono::seconds(ttl));
-      ML_LOG(proxy, debug, "DNS: pinned {} -> {}", pq.name, text);
+      pins_->pin(pq.name, a.ip, std::chrono::seconds(a.ttl));
+      ML_LOG(proxy, debug, "DNS: pinned {} -> {}", pq.name, a.ip);
     }
-    off += rdlen;
   }
   put16(&msg, 0, pq.client_id);
   (void)::sendto(socket_.get(), msg.data(), msg.size(), 0, pq.client.raw(), pq.client.len);

@@ -77,4 +77,13 @@ class DnsResolver {
 /// question type and `end` the offset after the question. Exposed for tests.
 std::string dnsQuestionName(std::string_view msg, uint16_t* qtype, size_t* end);
 
+/// An A or AAAA record of an answer section.
+struct DnsAddress {
+  std::string ip;  ///< textual address
+  uint32_t ttl = 0;
+};
+/// The A and AAAA records (class IN) of a response's answer section, which starts at `off` (the
+/// end of the question); stops at the first malformed record. Exposed for tests and fuzzing.
+std::vector<DnsAddress> dnsAnswerAddresses(std::string_view msg, size_t off);
+
 }  // namespace matchlock::net

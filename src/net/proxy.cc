@@ -151,23 +151,6 @@ bool looksLikeHttp(const unsigned char* p, size_t n) {
   return i > 0 && (i == n || p[i] == ' ');
 }
 
-std::string parseSni(SSL* ssl) {
-  const unsigned char* p = nullptr;
-  size_t len = 0;
-  if (SSL_client_hello_get0_ext(ssl, TLSEXT_TYPE_server_name, &p, &len) == 0 || len < 5) {
-    return "";
-  }
-  size_t list_len = (static_cast<size_t>(p[0]) << 8) | p[1];
-  if (list_len + 2 != len || p[2] != TLSEXT_NAMETYPE_host_name) {
-    return "";
-  }
-  size_t name_len = (static_cast<size_t>(p[3]) << 8) | p[4];
-  if (name_len + 5 > len || name_len == 0) {
-    return "";
-  }
-  return {reinterpret_cast<const char*>(p + 5), name_len};
-}
-
 }  // namespace
 
 class Proxy::Connection {
@@ -222,8 +205,8 @@ class Proxy::Connection {
       return SSL_CLIENT_HELLO_SUCCESS;  // resumed after the upstream handshake (see below)
     }
     hello_seen_ = true;
-    std::string sni = parseSni(ssl);
-    if (!validServerName(sni)) {
+    std::string sni = clientHelloServerName(ssl);
+    if (!isValidServerName(sni)) {
       ML_LOG(proxy, debug, "rejecting a ClientHello with a malformed server name");
       return SSL_CLIENT_HELLO_ERROR;
     }
@@ -245,7 +228,7 @@ class Proxy::Connection {
     // answer follows upstream.
     auto secrets = proxy_.secrets();
     auto rules = proxy_.rules();
-    if (denied_reason_.empty() && clientOffersH2(ssl) && (!secrets || secrets->empty()) &&
+    if (denied_reason_.empty() && clientHelloOffers(ssl, "h2") && (!secrets || secrets->empty()) &&
         (!rules || rules->empty())) {
       alpn_probe_ = true;
       client_paused_ = true;
@@ -279,37 +262,6 @@ class Proxy::Connection {
 
  private:
   void touch() { last_activity_ = Clock::now(); }
-
-  /// SNI is a DNS name: letters, digits, '-', '_', '.' (it ends up in certificates, events and
-  /// response headers, so nothing else is let through).
-  static bool validServerName(std::string_view name) {
-    return name.size() <= 253 && std::all_of(name.begin(), name.end(), [](char c) {
-             return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
-                    c == '-' || c == '_' || c == '.';
-           });
-  }
-
-  static bool clientOffersH2(SSL* ssl) {
-    const unsigned char* p = nullptr;
-    size_t len = 0;
-    if (SSL_client_hello_get0_ext(ssl, TLSEXT_TYPE_application_layer_protocol_negotiation, &p,
-                                  &len) == 0 ||
-        len < 2) {
-      return false;
-    }
-    size_t i = 2;
-    while (i < len) {
-      size_t n = p[i];
-      if (i + 1 + n > len) {
-        return false;
-      }
-      if (n == 2 && p[i + 1] == 'h' && p[i + 2] == '2') {
-        return true;
-      }
-      i += 1 + n;
-    }
-    return false;
-  }
 
   /// Decides whether host_ may be reached at orig_ (allow-list, blocked ranges, DNS pins).
   void decide() {

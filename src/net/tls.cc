@@ -11,6 +11,7 @@
 #include <openssl/x509v3.h>
 #include <sys/stat.h>
 
+#include <algorithm>
 #include <cstdlib>
 
 #include "common/strings.h"
@@ -241,6 +242,67 @@ Result<SslCtxPtr> makeClientContext(const std::string& ca_file) {
   static const unsigned char kAlpn[] = {8, 'h', 't', 't', 'p', '/', '1', '.', '1'};
   SSL_CTX_set_alpn_protos(ctx.get(), kAlpn, sizeof(kAlpn));
   return ctx;
+}
+
+std::string serverNameFromExtension(const unsigned char* p, size_t len) {
+  // ServerNameList: u16 length, then entries of u8 type, u16 length, name.
+  if (len < 5) {
+    return "";
+  }
+  size_t list_len = (static_cast<size_t>(p[0]) << 8) | p[1];
+  if (list_len + 2 != len || p[2] != TLSEXT_NAMETYPE_host_name) {
+    return "";
+  }
+  size_t name_len = (static_cast<size_t>(p[3]) << 8) | p[4];
+  if (name_len + 5 > len || name_len == 0) {
+    return "";
+  }
+  return {reinterpret_cast<const char*>(p + 5), name_len};
+}
+
+bool alpnListHas(const unsigned char* p, size_t len, std::string_view protocol) {
+  // ProtocolNameList: u16 length, then entries of u8 length, name.
+  if (len < 2) {
+    return false;
+  }
+  size_t i = 2;
+  while (i < len) {
+    size_t n = p[i];
+    if (i + 1 + n > len) {
+      return false;
+    }
+    if (std::string_view(reinterpret_cast<const char*>(p + i + 1), n) == protocol) {
+      return true;
+    }
+    i += 1 + n;
+  }
+  return false;
+}
+
+std::string clientHelloServerName(SSL* ssl) {
+  const unsigned char* p = nullptr;
+  size_t len = 0;
+  if (SSL_client_hello_get0_ext(ssl, TLSEXT_TYPE_server_name, &p, &len) == 0) {
+    return "";
+  }
+  return serverNameFromExtension(p, len);
+}
+
+bool clientHelloOffers(SSL* ssl, std::string_view protocol) {
+  const unsigned char* p = nullptr;
+  size_t len = 0;
+  if (SSL_client_hello_get0_ext(ssl, TLSEXT_TYPE_application_layer_protocol_negotiation, &p,
+                                &len) == 0) {
+    return false;
+  }
+  return alpnListHas(p, len, protocol);
+}
+
+bool isValidServerName(std::string_view name) {
+  return name.size() <= 253 && std::all_of(name.begin(), name.end(), [](char c) {
+           return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
+                  c == '-' || c == '_' || c == '.';
+         });
 }
 
 }  // namespace matchlock::net

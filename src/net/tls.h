@@ -58,6 +58,21 @@ class CertAuthority {
   std::unordered_map<std::string, std::shared_ptr<const LeafCert>> cache_;
 };
 
+/// ClientHello peeking (the guest's bytes, parsed in the proxy's ClientHello callback). The
+/// extension parsers take the extension's body as OpenSSL hands it over and read nothing outside
+/// it.
+/// The host_name entry of a server_name extension body; "" when absent or malformed.
+std::string serverNameFromExtension(const unsigned char* p, size_t len);
+/// Whether an ALPN extension body lists `protocol`.
+bool alpnListHas(const unsigned char* p, size_t len, std::string_view protocol);
+/// The ClientHello's server name ("" when it sent none or a malformed one).
+std::string clientHelloServerName(SSL* ssl);
+/// Whether the ClientHello offers ALPN `protocol`.
+bool clientHelloOffers(SSL* ssl, std::string_view protocol);
+/// SNI is a DNS name: letters, digits, '-', '_', '.' (it ends up in certificates, events and
+/// response headers, so nothing else is let through).
+bool isValidServerName(std::string_view name);
+
 /// Server-side (guest-facing) TLS context: TLS 1.2/1.3, ALPN "http/1.1".
 Result<SslCtxPtr> makeServerContext();
 

@@ -289,6 +289,29 @@ TEST_CASE("response heads and framing", "[http]") {
         http::ParseResult::State::Error);
 }
 
+TEST_CASE("ClientHello extension parsers read only what the guest sent", "[tls]") {
+  auto bytes = [](std::string_view s) { return reinterpret_cast<const unsigned char*>(s.data()); };
+  std::string sni(
+      "\x00\x12\x00\x00\x0f"
+      "api.example.com",
+      20);
+  CHECK(matchlock::net::serverNameFromExtension(bytes(sni), sni.size()) == "api.example.com");
+  for (size_t cut = 0; cut < sni.size(); ++cut) {
+    CHECK(matchlock::net::serverNameFromExtension(bytes(sni), cut).empty());
+  }
+  std::string wrong_type = sni;
+  wrong_type[2] = 1;
+  CHECK(matchlock::net::serverNameFromExtension(bytes(wrong_type), sni.size()).empty());
+  std::string alpn("\x00\x0c\x02h2\x08http/1.1", 14);
+  CHECK(matchlock::net::alpnListHas(bytes(alpn), alpn.size(), "h2"));
+  CHECK(matchlock::net::alpnListHas(bytes(alpn), alpn.size(), "http/1.1"));
+  CHECK_FALSE(matchlock::net::alpnListHas(bytes(alpn), alpn.size() - 1, "http/1.1"));
+  CHECK_FALSE(matchlock::net::alpnListHas(bytes(alpn), alpn.size(), "h3"));
+  CHECK(matchlock::net::isValidServerName("a-b_c.example"));
+  CHECK_FALSE(matchlock::net::isValidServerName("a.example/x"));
+  CHECK_FALSE(matchlock::net::isValidServerName(std::string(254, 'a')));
+}
+
 TEST_CASE("CA and leaf minting", "[tls]") {
   auto ca = matchlock::net::CertAuthority::generate();
   REQUIRE(ca.has_value());
@@ -391,6 +414,24 @@ TEST_CASE("DNS question parsing and pins", "[dns]") {
   CHECK(matchlock::net::dnsQuestionName(q.substr(0, 20), &qtype, &end).empty());
   std::string compressed = q.substr(0, 12) + std::string("\xc0\x0c\x00\x01\x00\x01", 6);
   CHECK(matchlock::net::dnsQuestionName(compressed, &qtype, &end).empty());
+
+  // The answer section: a CNAME (skipped), an A and an AAAA record, names compressed.
+  std::string resp = q;
+  resp[2] = '\x81';
+  resp[7] = 3;
+  resp += std::string("\xc0\x0c\x00\x05\x00\x01\x00\x00\x00\x3c\x00\x02\xc0\x0c", 14);
+  resp += std::string("\xc0\x0c\x00\x01\x00\x01\x00\x00\x01\x2c\x00\x04\xc6\x33\x64\x0a", 16);
+  resp += std::string("\xc0\x0c\x00\x1c\x00\x01\x00\x00\x00\x1e\x00\x10", 12) +
+          std::string(15, '\0') + "\x01";
+  auto answers = matchlock::net::dnsAnswerAddresses(resp, end);
+  REQUIRE(answers.size() == 2);
+  CHECK(answers[0].ip == "198.51.100.10");
+  CHECK(answers[0].ttl == 300);
+  CHECK(answers[1].ip == "::1");
+  // Truncated anywhere: the records that arrived whole, never a read past the end.
+  for (size_t cut = 0; cut < resp.size(); ++cut) {
+    CHECK(matchlock::net::dnsAnswerAddresses(resp.substr(0, cut), end).size() <= 2);
+  }
 
   matchlock::net::DnsPins pins;
   pins.pin("Allowed.Test.", "198.51.100.10", std::chrono::seconds(1));
