@@ -105,6 +105,48 @@ std::string toHex(std::string_view bytes) {
   return out;
 }
 
+size_t invalidUtf8At(std::string_view s) {
+  size_t i = 0;
+  while (i < s.size()) {
+    auto c = static_cast<unsigned char>(s[i]);
+    if (c < 0x80) {
+      ++i;
+      continue;
+    }
+    size_t n = 0;
+    unsigned char lo = 0x80;
+    unsigned char hi = 0xbf;
+    if (c >= 0xc2 && c <= 0xdf) {
+      n = 1;
+    } else if (c >= 0xe0 && c <= 0xef) {
+      n = 2;
+      lo = c == 0xe0 ? 0xa0 : 0x80;  // no overlong forms
+      hi = c == 0xed ? 0x9f : 0xbf;  // no surrogates
+    } else if (c >= 0xf0 && c <= 0xf4) {
+      n = 3;
+      lo = c == 0xf0 ? 0x90 : 0x80;
+      hi = c == 0xf4 ? 0x8f : 0xbf;  // nothing above U+10FFFF
+    } else {
+      return i;
+    }
+    if (i + n >= s.size()) {  // truncated sequence
+      return i;
+    }
+    auto second = static_cast<unsigned char>(s[i + 1]);
+    if (second < lo || second > hi) {
+      return i;
+    }
+    for (size_t k = 2; k <= n; ++k) {
+      auto cont = static_cast<unsigned char>(s[i + k]);
+      if (cont < 0x80 || cont > 0xbf) {
+        return i;
+      }
+    }
+    i += n + 1;
+  }
+  return std::string_view::npos;
+}
+
 std::string lastLines(std::string_view text, size_t n) {
   std::vector<std::string> lines;
   for (std::string& line : split(text, '\n')) {

@@ -25,4 +25,8 @@ std::string lastLines(std::string_view text, size_t n);
 /// Hex encoding (lower case).
 std::string toHex(std::string_view bytes);
 
+/// Offset of the first byte of `s` that is not part of well-formed UTF-8 (RFC 3629: no overlong
+/// forms, no surrogates, nothing above U+10FFFF), or npos when `s` is valid throughout.
+size_t invalidUtf8At(std::string_view s);
+
 }  // namespace matchlock

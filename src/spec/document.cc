@@ -5,8 +5,10 @@
 
 #include <cctype>
 #include <filesystem>
+#include <optional>
 
 #include "common/fd.h"
+#include "common/strings.h"
 #include "spec/readers.h"
 
 namespace matchlock::spec {
@@ -113,7 +115,8 @@ std::string dottedPath(const nlohmann::json& tree, std::string_view pointer) {
       }
       out += tok;
     } else {
-      out += fmt::format("[{}]", nlohmann::json(tok).dump());
+      out += fmt::format("[{}]", nlohmann::json(tok).dump(
+                                     -1, ' ', false, nlohmann::json::error_handler_t::replace));
     }
     if (node != nullptr && node->is_object()) {
       auto it = node->find(tok);
@@ -138,6 +141,44 @@ Error specError(const std::vector<Diagnostic>& diags) {
   return err;
 }
 
+namespace {
+
+/// The first key or string value of `node` that is not UTF-8 (YAML readers pass raw bytes and
+/// escapes through; every later stage, from JSON output to the state store, needs UTF-8).
+std::optional<Diagnostic> firstNonUtf8(const Document& doc, const nlohmann::json& node,
+                                       const std::string& pointer) {
+  auto bad = [&](std::string_view s, SourcePos pos, std::string_view what) {
+    size_t at = invalidUtf8At(s);
+    return Diagnostic{doc.file, pos, dottedPath(doc.tree, pointer),
+                      fmt::format("{} is not valid UTF-8 (byte 0x{:02x} at offset {})", what,
+                                  static_cast<unsigned char>(s[at]), at)};
+  };
+  if (node.is_string()) {
+    const auto& s = node.get_ref<const std::string&>();
+    if (invalidUtf8At(s) != std::string::npos) {
+      return bad(s, doc.positionOf(pointer), "the value");
+    }
+  } else if (node.is_object()) {
+    for (const auto& [key, value] : node.items()) {
+      if (invalidUtf8At(key) != std::string::npos) {
+        return bad(key, doc.keyPositionOf(pointerAppend(pointer, key)), "a key");
+      }
+      if (auto d = firstNonUtf8(doc, value, pointerAppend(pointer, key))) {
+        return d;
+      }
+    }
+  } else if (node.is_array()) {
+    for (size_t i = 0; i < node.size(); ++i) {
+      if (auto d = firstNonUtf8(doc, node[i], pointerAppend(pointer, i))) {
+        return d;
+      }
+    }
+  }
+  return std::nullopt;
+}
+
+}  // namespace
+
 Result<Document> parseDocument(std::string_view text, std::string_view format,
                                const std::string& file, const std::string& dir) {
   Document doc;
@@ -151,6 +192,9 @@ Result<Document> parseDocument(std::string_view text, std::string_view format,
                                      fmt::format("{}: unknown format '{}'", file, format)));
   if (!st) {
     return makeError(std::move(st).error());
+  }
+  if (auto d = firstNonUtf8(doc, doc.tree, "")) {
+    return makeError(specError({*d}));
   }
   return doc;
 }

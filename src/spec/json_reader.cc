@@ -151,6 +151,14 @@ Status readJson(std::string_view text, Document& doc) {
     }
     return makeError(specError({Diagnostic{doc.file, positionAtByte(text, byte), "<root>",
                                            fmt::format("JSON {}", what)}}));
+  } catch (const nlohmann::json::exception& e) {
+    // A number beyond a double's range, for one: nlohmann reports no position for those.
+    std::string what = e.what();
+    if (auto p = what.find("] "); p != std::string::npos) {
+      what = what.substr(p + 2);
+    }
+    return makeError(specError(
+        {Diagnostic{doc.file, SourcePos{}, "<root>", fmt::format("JSON error: {}", what)}}));
   }
   try {
     PositionScanner scanner(text, doc);

@@ -3,8 +3,10 @@
 
 #include <cmath>
 #include <regex>
+#include <sstream>
 #include <string>
 
+#include <yaml-cpp/eventhandler.h>
 #include <yaml-cpp/yaml.h>
 
 #include "spec/readers.h"
@@ -188,6 +190,27 @@ class Converter {
   Document& doc_;
 };
 
+/// Sees where documents start without building them. yaml-cpp 0.7's LoadAll loops forever,
+/// allocating, on some malformed input (",[" for one): the parser reports a document that
+/// consumes nothing again and again. Counting stops at the second document, which is an error
+/// for a spec anyway.
+class DocumentStarts : public YAML::EventHandler {
+ public:
+  std::vector<YAML::Mark> marks;
+  void OnDocumentStart(const YAML::Mark& mark) override { marks.push_back(mark); }
+  void OnDocumentEnd() override {}
+  void OnNull(const YAML::Mark& /*mark*/, YAML::anchor_t /*anchor*/) override {}
+  void OnAlias(const YAML::Mark& /*mark*/, YAML::anchor_t /*anchor*/) override {}
+  void OnScalar(const YAML::Mark& /*mark*/, const std::string& /*tag*/, YAML::anchor_t /*anchor*/,
+                const std::string& /*value*/) override {}
+  void OnSequenceStart(const YAML::Mark& /*mark*/, const std::string& /*tag*/,
+                       YAML::anchor_t /*anchor*/, YAML::EmitterStyle::value /*style*/) override {}
+  void OnSequenceEnd() override {}
+  void OnMapStart(const YAML::Mark& /*mark*/, const std::string& /*tag*/, YAML::anchor_t /*anchor*/,
+                  YAML::EmitterStyle::value /*style*/) override {}
+  void OnMapEnd() override {}
+};
+
 }  // namespace
 
 Status readYaml(std::string_view text, Document& doc) {
@@ -195,17 +218,26 @@ Status readYaml(std::string_view text, Document& doc) {
     return makeError(specError({Diagnostic{doc.file, pos, "<root>", std::move(message)}}));
   };
   try {
-    std::vector<YAML::Node> docs = YAML::LoadAll(std::string(text));
-    if (docs.size() > 1) {
-      return fail(posOf(docs[1].Mark()),
+    DocumentStarts starts;
+    {
+      std::istringstream in{std::string(text)};
+      YAML::Parser parser(in);
+      while (starts.marks.size() < 2 && parser.HandleNextDocument(starts)) {
+      }
+    }
+    if (starts.marks.size() > 1) {
+      if (starts.marks[1].pos <= starts.marks[0].pos) {
+        return fail(posOf(starts.marks[0]), "YAML syntax error: no document can be read here");
+      }
+      return fail(posOf(starts.marks[1]),
                   "a spec file holds one YAML document; put several sandboxes under 'sandboxes:'");
     }
-    if (docs.empty()) {
+    if (starts.marks.empty()) {
       doc.tree = nullptr;
       return ok();
     }
     Converter conv(doc);
-    auto tree = conv.convert(docs[0], "");
+    auto tree = conv.convert(YAML::Load(std::string(text)), "");
     if (!tree) {
       return fail(posOf(tree.error().mark), "YAML error: " + tree.error().message);
     }

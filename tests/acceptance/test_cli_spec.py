@@ -59,6 +59,22 @@ def test_validate_type_error_names_file_line_col(matchlock, tmp_path, name, text
     assert r.out == ""
 
 
+@pytest.mark.parametrize("name,data,expect", [
+    ("key.yaml", b"T\xa8: 1\n", "key.yaml:1:1: <root>: a key is not valid UTF-8"),
+    ("value.yaml", b"sandboxes:\n  a:\n    image: \"x\xff\"\n",
+     "value.yaml:3:12: sandboxes.a.image: the value is not valid UTF-8"),
+    ("loop.yaml", b",[", "loop.yaml:1:"),
+    ("number.json", b'{"sandboxes": 8e+88888}', "number.json: <root>: JSON error: number overflow"),
+])
+def test_validate_survives_what_the_fuzzer_found(matchlock, tmp_path, name, data, expect):
+    # Each of these once ended `validate` with an uncaught exception, or (",[") never returned.
+    spec = tmp_path / name
+    spec.write_bytes(data)
+    r = matchlock.run("validate", "-f", spec, timeout=20)
+    assert r.code == EX_DATAERR, r.err
+    assert f"{spec.parent}/{expect}" in r.err, r.err
+
+
 def test_validate_reports_every_error_with_hints(matchlock, tmp_path):
     spec = write(tmp_path / "s.yaml", "sandboxes:\n  a:\n    imgae: busybox\n    memroy: 1GiB\n")
     r = matchlock.run("validate", "-f", spec)

@@ -2,6 +2,8 @@
 #include <fcntl.h>
 #include <unistd.h>
 
+#include <string>
+
 #include <catch2/catch.hpp>
 
 #include "common/fd.h"
@@ -37,6 +39,24 @@ bool fdOpen(int fd) {
 }
 
 }  // namespace
+
+TEST_CASE("invalidUtf8At accepts RFC 3629 UTF-8 only") {
+  using matchlock::invalidUtf8At;
+  constexpr size_t kOk = std::string_view::npos;
+  CHECK(invalidUtf8At("") == kOk);
+  CHECK(invalidUtf8At("plain ascii") == kOk);
+  CHECK(invalidUtf8At("caf\xc3\xa9 \xe2\x82\xac \xf0\x9f\x98\x80") == kOk);
+  CHECK(invalidUtf8At("\xef\xbf\xbf\xf4\x8f\xbf\xbf") == kOk);  // U+FFFF, U+10FFFF
+  CHECK(invalidUtf8At("ab\xa8") == 2);                     // lone continuation byte
+  CHECK(invalidUtf8At("\xc0\xaf") == 0);                  // overlong '/'
+  CHECK(invalidUtf8At("\xe0\x80\xaf") == 0);             // overlong, three bytes
+  CHECK(invalidUtf8At("x\xed\xa0\x80") == 1);            // surrogate U+D800
+  CHECK(invalidUtf8At("\xf4\x90\x80\x80") == 0);        // above U+10FFFF
+  CHECK(invalidUtf8At("\xf5\x80\x80\x80") == 0);
+  CHECK(invalidUtf8At("ok\xe2\x82") == 2);                // truncated at the end
+  CHECK(invalidUtf8At("\xe2\x28\xa1") == 0);             // bad continuation
+  CHECK(invalidUtf8At(std::string_view("a\0b", 3)) == kOk);
+}
 
 TEST_CASE("Result propagates values and errors through the macros") {
   REQUIRE(quarter(8).value() == 2);

@@ -680,3 +680,23 @@ TEST_CASE("upstream create params carry network interception rules and callbacks
   CHECK(cb->network.callback_socket == "/tmp/sdk.sock");
   CHECK(cb->network.rules.at(0).callback_id == "c1");
 }
+
+TEST_CASE("readers refuse what the fuzzer found, with the file and the place") {
+  auto errorOf = [](std::string_view text, std::string_view format) {
+    auto doc = parseDocument(text, format, "s." + std::string(format), "/specs");
+    REQUIRE_FALSE(doc.has_value());
+    CHECK(doc.error().code() == matchlock::Errc::InvalidSpec);
+    return doc.error().message();
+  };
+  // Bytes that are not UTF-8 (YAML passes them through; they once ended the process when the
+  // path or the tree was printed as JSON). An escape naming a surrogate is yaml-cpp's to refuse.
+  CHECK(errorOf("T\xa8: 1\n", "yaml") ==
+        "s.yaml:1:1: <root>: a key is not valid UTF-8 (byte 0xa8 at offset 1)");
+  CHECK(errorOf("sandboxes:\n  a:\n    image: \"x\xff\"\n", "yaml") ==
+        "s.yaml:3:12: sandboxes.a.image: the value is not valid UTF-8 (byte 0xff at offset 1)");
+  CHECK(errorOf("a: \"\\ud800\"\n", "yaml").find("invalid unicode") != std::string::npos);
+  // yaml-cpp's LoadAll never returned on this.
+  CHECK(errorOf(",[", "yaml").rfind("s.yaml:1:", 0) == 0);
+  // A number beyond a double once escaped as nlohmann's out_of_range.
+  CHECK(errorOf("{\"a\": 8e+88888}", "json").find("number overflow") != std::string::npos);
+}
