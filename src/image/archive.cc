@@ -16,11 +16,10 @@
 #include "common/cptr.h"
 #include "common/strings.h"
 #include "image/digest.h"
+#include "image/libarchive_util.h"
 
 namespace matchlock::image {
 namespace {
-
-using ArchivePtr = CPtr<archive, &archive_read_free>;
 
 constexpr int64_t kKeepInMemory = 4 << 20;
 
@@ -63,7 +62,7 @@ class Importer {
     archive_read_support_format_tar(a.get());
     if (archive_read_open_fd(a.get(), fd, 1 << 16) != ARCHIVE_OK) {
       return makeError(Errc::InvalidSpec,
-                       fmt::format("import: not a tar archive: {}", archive_error_string(a.get())));
+                       fmt::format("import: not a tar archive: {}", archiveError(a.get())));
     }
     archive_entry* e = nullptr;
     for (;;) {
@@ -73,7 +72,7 @@ class Importer {
       }
       if (rc < ARCHIVE_WARN) {
         return makeError(Errc::InvalidSpec,
-                         fmt::format("import: reading archive: {}", archive_error_string(a.get())));
+                         fmt::format("import: reading archive: {}", archiveError(a.get())));
       }
       if (archive_entry_filetype(e) != AE_IFREG) {
         continue;
@@ -88,8 +87,8 @@ class Importer {
       for (;;) {
         la_ssize_t n = archive_read_data(a.get(), buf.data(), buf.size());
         if (n < 0) {
-          return makeError(Errc::InvalidSpec, fmt::format("import: reading '{}': {}", name,
-                                                          archive_error_string(a.get())));
+          return makeError(Errc::InvalidSpec,
+                           fmt::format("import: reading '{}': {}", name, archiveError(a.get())));
         }
         if (n == 0) {
           break;

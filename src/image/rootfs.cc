@@ -24,11 +24,10 @@
 #include "common/log.h"
 #include "common/scope_exit.h"
 #include "common/strings.h"
+#include "image/libarchive_util.h"
 
 namespace matchlock::image {
 namespace {
-
-using ArchivePtr = CPtr<archive, &archive_read_free>;
 
 constexpr uint32_t kTypeMask = 0170000;
 // Explicit (MKE2FS_CONFIG=/dev/null), so the host's mke2fs.conf cannot change the image. No
@@ -46,7 +45,7 @@ Result<ArchivePtr> openLayer(const LayerSource& layer) {
   archive_read_support_format_tar(a.get());
   if (archive_read_open_filename(a.get(), layer.path.c_str(), 1 << 16) != ARCHIVE_OK) {
     return makeError(Errc::InvalidSpec,
-                     fmt::format("layer {}: {}", layer.name, archive_error_string(a.get())));
+                     fmt::format("layer {}: {}", layer.name, archiveError(a.get())));
   }
   return a;
 }
@@ -284,8 +283,8 @@ Result<Tree> merge(std::span<const LayerSource> layers) {
         break;
       }
       if (rc < ARCHIVE_WARN) {
-        return makeError(Errc::InvalidSpec, fmt::format("layer {}: {}", layers[li].name,
-                                                        archive_error_string(a.get())));
+        return makeError(Errc::InvalidSpec,
+                         fmt::format("layer {}: {}", layers[li].name, archiveError(a.get())));
       }
       ML_RETURN_IF_ERROR(tree.apply(layers[li], li, index, e));
     }
@@ -552,8 +551,7 @@ class Ext4Writer {
     for (;;) {
       la_ssize_t n = archive_read_data(a, buf.data(), buf.size());
       if (n < 0) {
-        status = makeError(Errc::InvalidSpec,
-                           fmt::format("reading {}: {}", what, archive_error_string(a)));
+        status = makeError(Errc::InvalidSpec, fmt::format("reading {}: {}", what, archiveError(a)));
         break;
       }
       if (n == 0) {
@@ -681,8 +679,8 @@ Status writeExt4(Tree& tree, std::span<const LayerSource> layers, const std::str
         break;
       }
       if (arc < ARCHIVE_WARN) {
-        return makeError(Errc::InvalidSpec, fmt::format("layer {}: {}", layers[li].name,
-                                                        archive_error_string(a.get())));
+        return makeError(Errc::InvalidSpec,
+                         fmt::format("layer {}: {}", layers[li].name, archiveError(a.get())));
       }
       auto it = data_map.find({li, index});
       if (it == data_map.end()) {
