@@ -32,6 +32,7 @@
 #include "guestproto/exec.h"
 #include "image/image.h"
 #include "image/store.h"
+#include "rpc/create_params.h"
 #include "rpc/jsonrpc.h"
 #include "runtime/exec_channel.h"
 #include "runtime/exec_client.h"
@@ -176,43 +177,6 @@ std::string serviceError(const Call& c, const guestproto::ExecExit& exit, std::s
     text = text.substr(nl + 1);
   }
   return text.empty() ? fmt::format("{} failed (exit {})", what, exit.code) : text;
-}
-
-/// The decoder names spec fields ("<rpc create>: sandboxes.vm-1.memory: ..."); an SDK user wrote
-/// upstream's config, so the message names its fields ("resources.memory_mb: ...").
-std::string upstreamFieldNames(std::string message, const std::string& id) {
-  static const std::map<std::string, std::string, std::less<>> kNames = {
-      {"cpus", "resources.cpus"},
-      {"memory", "resources.memory_mb"},
-      {"disk", "resources.disk_size_mb"},
-      {"network.allow_hosts", "network.allowed_hosts"},
-      {"hostname", "network.hostname"},
-      {"workdir", "image_config.working_dir"},
-      {"user", "image_config.user"},
-      {"command", "image_config.cmd"},
-      {"entrypoint", "image_config.entrypoint"},
-      {"mounts", "vfs.mounts"},
-  };
-  for (const std::string& from :
-       {std::string("<rpc create>: "), std::string("sandboxes.") + id + ": "}) {
-    for (size_t at = 0; (at = message.find(from, at)) != std::string::npos;) {
-      message.erase(at, from.size());
-    }
-  }
-  const std::string prefix = "sandboxes." + id + ".";
-  for (size_t at = 0; (at = message.find(prefix, at)) != std::string::npos;) {
-    message.erase(at, prefix.size());
-    size_t end = message.find_first_of(":[ ", at);
-    std::string_view field = std::string_view(message).substr(at, end - at);
-    for (const auto& [ours, theirs] : kNames) {
-      if (field == ours || (field.size() > ours.size() && field.substr(0, ours.size()) == ours &&
-                            field[ours.size()] == '.')) {
-        message.replace(at, ours.size(), theirs);
-        break;
-      }
-    }
-  }
-  return message;
 }
 
 /// The bytes of `path` from `offset` on (at most `max`), for tailing a log. `offset` is reset to
@@ -993,43 +957,11 @@ class Server {
     if (vm_) {
       dropSandbox(/*remove_record=*/!vm_->keep, std::chrono::seconds(2));
     }
-    Json config = params;
-    bool keep = false;
-    bool launch_entrypoint = false;
-    for (auto [key, out] : {std::pair{"keep_on_disconnect", &keep},
-                            std::pair{"launch_entrypoint", &launch_entrypoint}}) {
-      if (auto it = config.find(key); it != config.end()) {
-        if (!it->is_boolean() && !it->is_null()) {
-          return Reply::fail(kInvalidParams,
-                             fmt::format("Invalid params: {} must be a boolean", key));
-        }
-        *out = it->is_boolean() && it->get<bool>();
-        config.erase(it);
-      }
-    }
-    // Upstream: a resource only overrides its default when > 0.
-    if (auto r = config.find("resources"); r != config.end() && r->is_object()) {
-      for (const char* k : {"cpus", "memory_mb", "disk_size_mb", "timeout_seconds"}) {
-        if (auto v = r->find(k); v != r->end() && v->is_number() && v->get<double>() <= 0) {
-          r->erase(v);
-        }
-      }
-    }
-    std::string workspace;
-    if (auto v = config.find("vfs"); v != config.end() && v->is_object()) {
-      workspace = v->value("workspace", "");
-    }
-    std::string id = runtime::newSandboxId();
-    auto decoded = spec::decodeUpstreamConfig(config, id);
+    auto decoded = decodeCreateParams(params, runtime::newSandboxId());
     if (!decoded) {
-      return Reply::fail(
-          kInvalidParams,
-          fmt::format("Invalid params: {}", upstreamFieldNames(decoded.error().message(), id)));
+      return Reply::fail(kInvalidParams, decoded.error().message());
     }
-    spec::SandboxSpec sb = std::move(*decoded);
-    if (sb.image.empty()) {
-      return Reply::fail(kInvalidParams, "Invalid params: image is required");
-    }
+    auto& [sb, id, keep, launch_entrypoint, workspace] = *decoded;
     auto created = launchSandbox(sb, id, keep, launch_entrypoint, workspace);
     if (!created) {
       return Reply::fail(kVmFailed, created.error().message());

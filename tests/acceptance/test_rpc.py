@@ -165,6 +165,9 @@ def test_framing_and_errors_without_a_sandbox(env):
                                         "network": {"no_network": True,
                                                     "allowed_hosts": ["a.test"]}}))
         assert e.code == -32602 and "no_network" in e.message, e.message
+        # A wrong type where a string belongs once ended the server (found by fuzzing).
+        e = error_of(c.start("create", {"image": "agent:latest", "vfs": {"workspace": 5}}))
+        assert e.code == -32602 and "vfs.workspace must be a string" in e.message, e.message
         assert c.call("cancel", {"id": 999}) == {"cancelled": False}
         # A line far over 16 MiB is refused as a whole and the server keeps serving.
         c.send_raw(b'{"jsonrpc":"2.0","method":"exec","params":{"command":"' + b"x" * (17 << 20)

@@ -6,6 +6,7 @@
 #include <nlohmann/json.hpp>
 
 #include "common/base64.h"
+#include "rpc/create_params.h"
 #include "rpc/jsonrpc.h"
 
 using namespace matchlock;
@@ -131,4 +132,34 @@ TEST_CASE("fuzz smoke: arbitrary bytes never throw out of the parsers", "[rpc][f
       CHECK(l->text.size() <= 64);
     }
   }
+}
+
+TEST_CASE("create params: upstream's Config, errors in its field names, nothing thrown", "[rpc]") {
+  auto ok = decodeCreateParams(
+      Json::parse(R"({"image":"alpine","keep_on_disconnect":true,"vfs":{"workspace":"/w"},
+                      "resources":{"memory_mb":0,"cpus":2}})"),
+      "vm-1");
+  REQUIRE(ok.has_value());
+  CHECK(ok->spec.image == "alpine");
+  CHECK(ok->id == "vm-1");
+  CHECK(ok->keep);
+  CHECK_FALSE(ok->launch_entrypoint);
+  CHECK(ok->workspace == "/w");
+  CHECK(ok->spec.cpus == 2);
+
+  // A non-string workspace once escaped as a nlohmann type_error and ended `matchlock rpc`.
+  auto ws = decodeCreateParams(Json::parse(R"({"image":"alpine","vfs":{"workspace":5}})"), "vm-1");
+  REQUIRE_FALSE(ws.has_value());
+  CHECK(ws.error().message() == "Invalid params: vfs.workspace must be a string");
+  auto no_image = decodeCreateParams(Json::parse(R"({"cpus":1})"), "vm-1");
+  REQUIRE_FALSE(no_image.has_value());
+  CHECK(no_image.error().message().rfind("Invalid params: ", 0) == 0);
+  auto keep = decodeCreateParams(Json::parse(R"({"image":"a","keep_on_disconnect":"yes"})"), "v");
+  REQUIRE_FALSE(keep.has_value());
+  CHECK(keep.error().message() == "Invalid params: keep_on_disconnect must be a boolean");
+  auto mem = decodeCreateParams(Json::parse(R"({"image":"a","resources":{"memory_mb":"x"}})"), "v");
+  REQUIRE_FALSE(mem.has_value());
+  CHECK(mem.error().message().find("resources.memory_mb") != std::string::npos);
+  CHECK_FALSE(decodeCreateParams(Json::array(), "v").has_value());
+  CHECK_FALSE(decodeCreateParams(Json("x"), "v").has_value());
 }
