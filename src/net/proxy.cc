@@ -15,6 +15,8 @@
 #include <system_error>
 
 #include "common/log.h"
+#include "common/scope_exit.h"
+#include "common/wipe.h"
 #include "net/dns.h"
 #include "net/hook_client.h"
 #include "net/intercept.h"
@@ -44,12 +46,43 @@ struct Side {
   ev::Watch watch;
   std::string out;
   size_t out_off = 0;
+  /// Wipe output once written or dropped, and on destruction: set on the upstream side, whose
+  /// requests carry secret values after substitution.
+  bool wipe_out = false;
   bool eof = false;
   bool shut_wr = false;
   bool read_wants_write = false;
   bool write_wants_read = false;
 
+  Side() = default;
+  Side(const Side&) = delete;
+  Side& operator=(const Side&) = delete;
+  Side(Side&&) = delete;
+  Side& operator=(Side&&) = delete;
+  ~Side() {
+    if (wipe_out) {
+      wipe(out);
+    }
+  }
+
   size_t pending() const { return out.size() - out_off; }
+
+  void append(std::string_view data) {
+    if (wipe_out) {
+      wipeAppend(out, data);
+    } else {
+      out.append(data);
+    }
+  }
+
+  /// Drops all output, written or not.
+  void discardOut() {
+    if (wipe_out) {
+      wipe(out.data(), out.size());
+    }
+    out.clear();
+    out_off = 0;
+  }
 
   Io read(char* buf, size_t cap, size_t* n) {
     *n = 0;
@@ -121,9 +154,11 @@ struct Side {
       wrote = true;
     }
     if (out_off == out.size()) {
-      out.clear();
-      out_off = 0;
+      discardOut();
     } else if (out_off > (1 << 20)) {
+      if (wipe_out) {
+        wipe(out.data(), out_off);
+      }
       out.erase(0, out_off);
       out_off = 0;
     }
@@ -141,6 +176,14 @@ struct PendingRequest {
   /// after-phase callback may need them), before secret substitution: placeholders only.
   http::Head rule_view;
 };
+
+/// Wipes what may hold a secret value after substitution: the header values and the target.
+void wipeHead(http::Head* head) {
+  for (http::Header& h : head->headers) {
+    wipe(h.value);
+  }
+  wipe(head->target);
+}
 
 bool looksLikeHttp(const unsigned char* p, size_t n) {
   // Request methods are upper-case tokens followed by a space.
@@ -161,6 +204,7 @@ class Proxy::Connection {
   Connection(Proxy& proxy, Fd fd, sys::SockAddr orig)
       : proxy_(proxy), orig_(orig), policy_(proxy.policy_->snapshot()) {
     client_.fd = std::move(fd);
+    upstream_.wipe_out = true;
     touch();
     sniff_deadline_ = Clock::now() + proxy_.options_.sniff_timeout;
   }
@@ -467,8 +511,7 @@ class Proxy::Connection {
     upstream_.watch.reset();
     upstream_.ssl.reset();
     upstream_.fd.reset();
-    upstream_.out.clear();
-    upstream_.out_off = 0;
+    upstream_.discardOut();
     up_error_ = std::move(reason);
     ML_LOG(proxy, info, "upstream {} ({}) failed: {}", host_, orig_.toString(), up_error_);
     if (mode_ == Mode::Raw) {
@@ -582,8 +625,7 @@ class Proxy::Connection {
         f = upstream_.flush();
         if (f == Io::Error) {
           upstream_.eof = true;
-          upstream_.out.clear();
-          upstream_.out_off = 0;
+          upstream_.discardOut();
           onUpstreamEof();
           progress = true;
         }
@@ -716,7 +758,7 @@ class Proxy::Connection {
   void onClientData(std::string_view data) {
     if (mode_ == Mode::Raw) {
       tunnel_up_bytes_ += data.size();
-      upstream_.out.append(data);
+      upstream_.append(data);
       return;
     }
     req_buf_.append(data);
@@ -734,7 +776,7 @@ class Proxy::Connection {
         if (!pending_.empty()) {
           pending_.back().request_bytes += n;
         }
-        upstream_.out.append(req_buf_, 0, n);
+        upstream_.append(std::string_view(req_buf_).substr(0, n));
         req_buf_.erase(0, n);
         if (req_body_.done()) {
           in_req_body_ = false;
@@ -837,6 +879,10 @@ class Proxy::Connection {
     if (rules && rules->hasAfterCallbacks()) {
       req.rule_view.headers = head.headers;
     }
+    // From here the head may hold secret values: wiped however this ends.
+    ML_DEFER {
+      wipeHead(&head);
+    };
     if (auto secrets = proxy_.secrets()) {
       SubstitutionResult s = secrets->apply(&head, host_);
       if (s.blocked) {
@@ -855,7 +901,9 @@ class Proxy::Connection {
       return false;
     }
     connectUpstream();
-    upstream_.out += http::serializeRequestHead(head);
+    std::string serialized = http::serializeRequestHead(head);
+    upstream_.append(serialized);
+    wipe(serialized);
     pending_.push_back(std::move(req));
     req_body_ = framer;
     in_req_body_ = !framer.done();
@@ -1066,7 +1114,7 @@ class Proxy::Connection {
         mode_ = Mode::Raw;
         client_.out += resp_buf_;
         resp_buf_.clear();
-        upstream_.out += req_buf_;
+        upstream_.append(req_buf_);
         req_buf_.clear();
         return;
       }

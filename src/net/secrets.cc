@@ -15,6 +15,7 @@
 
 #include "common/fd.h"
 #include "common/strings.h"
+#include "common/wipe.h"
 #include "net/policy.h"
 
 extern char** environ;  // NOLINT(readability-redundant-declaration)
@@ -32,7 +33,7 @@ constexpr size_t kMaxSecretBytes = 1 << 20;
 std::string percentEncode(std::string_view value) {
   static constexpr char kHex[] = "0123456789ABCDEF";
   std::string out;
-  out.reserve(value.size());
+  out.reserve(value.size() * 3);  // never reallocated, so no partial copy is left behind
   for (char c : value) {
     auto u = static_cast<unsigned char>(c);
     if ((u >= 'a' && u <= 'z') || (u >= 'A' && u <= 'Z') || (u >= '0' && u <= '9') || c == '-' ||
@@ -47,14 +48,27 @@ std::string percentEncode(std::string_view value) {
   return out;
 }
 
+/// Replaces every `from` in `*s` with `to`. The result is built in a buffer of its final size
+/// and the old one wiped, so no copy of a value is left behind by a reallocation.
 size_t replaceAll(std::string* s, std::string_view from, std::string_view to) {
   size_t count = 0;
-  size_t pos = 0;
-  while ((pos = s->find(from, pos)) != std::string::npos) {
-    s->replace(pos, from.size(), to);
-    pos += to.size();
+  for (size_t pos = 0; (pos = s->find(from, pos)) != std::string::npos; pos += from.size()) {
     ++count;
   }
+  if (count == 0) {
+    return 0;
+  }
+  std::string out;
+  out.reserve(s->size() - count * from.size() + count * to.size());
+  size_t start = 0;
+  for (size_t pos = 0; (pos = s->find(from, start)) != std::string::npos;
+       start = pos + from.size()) {
+    out.append(*s, start, pos - start);
+    out.append(to);
+  }
+  out.append(*s, start, std::string::npos);
+  wipe(*s);
+  s->swap(out);
   return count;
 }
 
@@ -107,7 +121,8 @@ Result<std::string> runCommand(const spec::SecretRef& ref) {
     if (r <= 0) {
       break;
     }
-    value.append(buf, static_cast<size_t>(r));
+    wipeAppend(value, std::string_view(buf, static_cast<size_t>(r)));
+    wipe(buf, sizeof(buf));
     if (value.size() > kMaxSecretBytes) {
       timed_out = true;
       break;
@@ -120,10 +135,12 @@ Result<std::string> runCommand(const spec::SecretRef& ref) {
   while (::waitpid(pid, &status, 0) < 0 && errno == EINTR) {
   }
   if (timed_out) {
+    wipe(value);
     return makeError(Errc::Unavailable,
                      fmt::format("secret {}: command timed out or produced too much", ref.name));
   }
   if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) {
+    wipe(value);
     return makeError(Errc::Unavailable, fmt::format("secret {}: command failed", ref.name));
   }
   if (value.ends_with('\n')) {
@@ -136,6 +153,30 @@ Result<std::string> runCommand(const spec::SecretRef& ref) {
 }
 
 }  // namespace
+
+Secret::Secret(Secret&& other) noexcept
+    : name(std::move(other.name)),
+      placeholder(std::move(other.placeholder)),
+      value(std::move(other.value)),
+      hosts(std::move(other.hosts)) {
+  wipe(other.value);  // a short value is copied, not stolen: its bytes stay in `other`
+}
+
+Secret& Secret::operator=(Secret&& other) noexcept {
+  if (this != &other) {
+    wipe(value);
+    name = std::move(other.name);
+    placeholder = std::move(other.placeholder);
+    value = std::move(other.value);
+    hosts = std::move(other.hosts);
+    wipe(other.value);
+  }
+  return *this;
+}
+
+Secret::~Secret() {
+  wipe(value);
+}
 
 std::string generatePlaceholder() {
   unsigned char bytes[16];
@@ -229,10 +270,12 @@ SubstitutionResult SecretSet::apply(http::Head* head, std::string_view host) con
     size_t q = head->target.find('?');
     if (q != std::string::npos) {
       std::string query = head->target.substr(q + 1);
-      result.replaced +=
-          static_cast<int>(replaceAll(&query, s->placeholder, percentEncode(s->value)));
+      std::string encoded = percentEncode(s->value);
+      result.replaced += static_cast<int>(replaceAll(&query, s->placeholder, encoded));
       head->target.resize(q + 1);
-      head->target += query;
+      wipeAppend(head->target, query);
+      wipe(query);
+      wipe(encoded);
     }
   }
   return result;

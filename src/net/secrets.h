@@ -3,6 +3,7 @@
 
 #include <string>
 #include <string_view>
+#include <utility>
 #include <vector>
 
 #include "common/result.h"
@@ -11,12 +12,26 @@
 
 namespace matchlock::net {
 
-/// A secret with its real value, held by the host process only.
+/// A secret with its real value, held by the host process only. The value's bytes are wiped
+/// when a Secret is destroyed or moved from.
 struct Secret {
   std::string name;
   std::string placeholder;         ///< SANDBOX_SECRET_<32 lower-case hex>
   std::string value;               ///< never logged, never in events or errors
   std::vector<std::string> hosts;  ///< host patterns; empty = any host (upstream's RPC semantics)
+
+  Secret() = default;
+  Secret(std::string name_in, std::string placeholder_in, std::string value_in,
+         std::vector<std::string> hosts_in)
+      : name(std::move(name_in)),
+        placeholder(std::move(placeholder_in)),
+        value(std::move(value_in)),
+        hosts(std::move(hosts_in)) {}
+  Secret(const Secret&) = default;
+  Secret& operator=(const Secret&) = default;
+  Secret(Secret&& other) noexcept;
+  Secret& operator=(Secret&& other) noexcept;
+  ~Secret();
 };
 
 /// A fresh upstream-style placeholder: "SANDBOX_SECRET_" + 32 lower-case hex characters.

@@ -24,7 +24,9 @@
 
 #include "common/fd.h"
 #include "common/log.h"
+#include "common/scope_exit.h"
 #include "common/strings.h"
+#include "common/wipe.h"
 #include "ev/loop.h"
 #include "guestproto/frame.h"
 #include "guestproto/mux.h"
@@ -216,6 +218,9 @@ Result<std::map<std::string, std::string>> readSecretValues(int fd) {
   }
   Fd owned(fd);
   std::string data;
+  ML_DEFER {
+    wipe(data);
+  };
   char buf[4096];
   // Bounded: the launcher writes everything at once and closes its end (a dead launcher closes
   // it too); one that stalls must not hold the supervisor forever.
@@ -246,22 +251,24 @@ Result<std::map<std::string, std::string>> readSecretValues(int fd) {
     if (n == 0) {
       break;
     }
-    data.append(buf, static_cast<size_t>(n));
+    wipeAppend(data, std::string_view(buf, static_cast<size_t>(n)));
+    wipe(buf, sizeof(buf));
     if (data.size() > 16 * 1024 * 1024) {
       return makeError(Errc::InvalidSpec, "secret values exceed 16 MiB");
     }
   }
   auto j = nlohmann::json::parse(data, nullptr, false);
+  wipe(data);
   if (!j.is_object()) {
     // Never echo the data: it is secret.
     return makeError(Errc::Internal, "the secret values handed over are not a JSON object");
   }
-  for (const auto& [name, value] : j.items()) {
+  for (auto& [name, value] : j.items()) {
     if (value.is_string()) {
       values[name] = value.get<std::string>();
+      wipe(value.get_ref<std::string&>());
     }
   }
-  std::fill(data.begin(), data.end(), '\0');
   return values;
 }
 
@@ -562,7 +569,7 @@ Status Supervisor::startNetwork(sys::SpawnOptions& qemu_opts) {
   }
   // Values are gone from our memory once the proxy holds them.
   for (auto& [name, value] : secret_values) {
-    std::fill(value.begin(), value.end(), '\0');
+    wipe(value);
   }
   if (!config_.boot_config_path.empty()) {
     ML_RETURN_IF_ERROR(writeBootConfig(config_.boot_config_path, boot));

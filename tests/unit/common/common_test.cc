@@ -2,6 +2,7 @@
 #include <fcntl.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <string>
 
 #include <catch2/catch.hpp>
@@ -11,6 +12,7 @@
 #include "common/scope_exit.h"
 #include "common/sha256.h"
 #include "common/strings.h"
+#include "common/wipe.h"
 
 using namespace matchlock;  // NOLINT(google-build-using-namespace)
 
@@ -40,6 +42,25 @@ bool fdOpen(int fd) {
 
 }  // namespace
 
+TEST_CASE("wipe zeroes a string's whole buffer; wipeAppend keeps content across growth") {
+  std::string s(100, 'x');
+  s.resize(10);  // the bytes past size() still hold 'x'
+  const char* buf = s.data();
+  size_t cap = s.capacity();
+  matchlock::wipe(s);
+  CHECK(s.empty());
+  REQUIRE(s.data() == buf);  // same buffer: it was zeroed, not replaced
+  CHECK(std::all_of(buf, buf + cap, [](char c) { return c == '\0'; }));
+
+  std::string out = "head:";
+  for (int i = 0; i < 200; ++i) {
+    matchlock::wipeAppend(out, "value-");
+  }
+  CHECK(out.size() == 5 + 200 * 6);
+  CHECK(out.rfind("head:value-value-", 0) == 0);
+  CHECK(out.substr(out.size() - 6) == "value-");
+}
+
 TEST_CASE("invalidUtf8At accepts RFC 3629 UTF-8 only") {
   using matchlock::invalidUtf8At;
   constexpr size_t kOk = std::string_view::npos;
@@ -47,14 +68,14 @@ TEST_CASE("invalidUtf8At accepts RFC 3629 UTF-8 only") {
   CHECK(invalidUtf8At("plain ascii") == kOk);
   CHECK(invalidUtf8At("caf\xc3\xa9 \xe2\x82\xac \xf0\x9f\x98\x80") == kOk);
   CHECK(invalidUtf8At("\xef\xbf\xbf\xf4\x8f\xbf\xbf") == kOk);  // U+FFFF, U+10FFFF
-  CHECK(invalidUtf8At("ab\xa8") == 2);                     // lone continuation byte
-  CHECK(invalidUtf8At("\xc0\xaf") == 0);                  // overlong '/'
-  CHECK(invalidUtf8At("\xe0\x80\xaf") == 0);             // overlong, three bytes
-  CHECK(invalidUtf8At("x\xed\xa0\x80") == 1);            // surrogate U+D800
-  CHECK(invalidUtf8At("\xf4\x90\x80\x80") == 0);        // above U+10FFFF
+  CHECK(invalidUtf8At("ab\xa8") == 2);                          // lone continuation byte
+  CHECK(invalidUtf8At("\xc0\xaf") == 0);                        // overlong '/'
+  CHECK(invalidUtf8At("\xe0\x80\xaf") == 0);                    // overlong, three bytes
+  CHECK(invalidUtf8At("x\xed\xa0\x80") == 1);                   // surrogate U+D800
+  CHECK(invalidUtf8At("\xf4\x90\x80\x80") == 0);                // above U+10FFFF
   CHECK(invalidUtf8At("\xf5\x80\x80\x80") == 0);
-  CHECK(invalidUtf8At("ok\xe2\x82") == 2);                // truncated at the end
-  CHECK(invalidUtf8At("\xe2\x28\xa1") == 0);             // bad continuation
+  CHECK(invalidUtf8At("ok\xe2\x82") == 2);    // truncated at the end
+  CHECK(invalidUtf8At("\xe2\x28\xa1") == 0);  // bad continuation
   CHECK(invalidUtf8At(std::string_view("a\0b", 3)) == kOk);
 }
 
