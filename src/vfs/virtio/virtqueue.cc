@@ -191,6 +191,7 @@ Result<std::optional<SplitQueue::Popped>> SplitQueue::pop(const GuestMemory& mem
     return std::optional<Popped>(std::move(p));
   };
   uint16_t index = head;
+  bool seen_writable = false;
   for (uint32_t count = 0;; ++count) {
     if (count >= size_) {
       return broken("a descriptor chain loops");
@@ -204,15 +205,22 @@ Result<std::optional<SplitQueue::Popped>> SplitQueue::pop(const GuestMemory& mem
     if (d.len != 0 && data == nullptr) {
       return broken(fmt::format("a buffer outside guest memory ({:#x}+{})", d.addr, d.len));
     }
+    // An empty buffer carries nothing and has no address to copy from: it only counts for
+    // the order (readable before writable).
     if ((d.flags & kDescWrite) != 0) {
-      p.chain.writable.push_back(Buffer{data, d.len});
-      p.chain.writable_len += d.len;
+      seen_writable = true;
+      if (d.len != 0) {
+        p.chain.writable.push_back(Buffer{data, d.len});
+        p.chain.writable_len += d.len;
+      }
     } else {
-      if (!p.chain.writable.empty()) {
+      if (seen_writable) {
         return broken("a device-readable buffer after a writable one");
       }
-      p.chain.readable.push_back(Buffer{data, d.len});
-      p.chain.readable_len += d.len;
+      if (d.len != 0) {
+        p.chain.readable.push_back(Buffer{data, d.len});
+        p.chain.readable_len += d.len;
+      }
     }
     if ((d.flags & kDescNext) == 0) {
       break;
