@@ -8,3 +8,13 @@ if(ML_SANITIZE)
   add_compile_options(${_ml_san_flags})
   add_link_options(${_ml_san_flags})
 endif()
+
+# The libFuzzer targets of tests/fuzz (docs/fuzzing.md) ride on the clang ASan build: every
+# object gets coverage instrumentation (fuzzer-no-link) so that the same libraries serve the unit
+# tests and the fuzzers, and no third build is needed. ASan's runtime supplies the coverage hooks
+# for the binaries that are not fuzzers.
+set(ML_FUZZ OFF)
+if(ML_SANITIZE MATCHES "address" AND CMAKE_CXX_COMPILER_ID STREQUAL "Clang")
+  set(ML_FUZZ ON)
+  add_compile_options(-fsanitize=fuzzer-no-link)
+endif()
