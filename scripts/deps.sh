@@ -10,7 +10,7 @@ ML_DEPS=(
   libcurl4-openssl-dev libarchive-dev libext2fs-dev libnftnl-dev libmnl-dev
   # tools used at run time and by tests
   sqlite3 python3 python3-pytest python3-jsonschema python3-yaml
-  # confinement tests: gdb reads the supervisor's dumpable flag and takes its core
+  # confinement tests: gdb (gcore) takes a core of the supervisor
   gdb
   # images: rootfs disks (mke2fs, debugfs, e2fsck), test images and local registries
   e2fsprogs busybox-static debootstrap docker-registry skopeo openssl apache2-utils

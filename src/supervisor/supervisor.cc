@@ -1096,7 +1096,9 @@ void Supervisor::handleRequest(Client* c, const nlohmann::json& req) {
         {"health", health_ && health_->enabled()
                        ? nlohmann::json(std::string(health::toString(health_->state())))
                        : nlohmann::json()},
-        {"accel", std::string(vm::toString(config_.vm.accel))}};
+        {"accel", std::string(vm::toString(config_.vm.accel))},
+        // The hardening as the kernel holds it for this process (docs/threat-model.md).
+        {"dumpable", ::prctl(PR_GET_DUMPABLE, 0, 0, 0, 0)}};
     c->out += s.dump() + "\n";
     c->closing = true;
     pumpClient(c);
