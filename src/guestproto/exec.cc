@@ -3,6 +3,9 @@
 
 #include <fmt/format.h>
 
+#include <cstdint>
+#include <stdexcept>
+
 #include <nlohmann/json.hpp>
 
 #include "guestproto/frame.h"
@@ -56,6 +59,29 @@ std::string encodeExit(const ExecExit& e) {
   return encodeExecMessage(ExecKind::Exit, j.dump());
 }
 
+namespace {
+
+/// An integer field in [lo, hi], `fallback` when absent. nlohmann converts a float to an
+/// integer type with a plain cast (undefined when out of range: the exec fuzz target found
+/// `"signal": 9.3e37` from a guest) and wraps a large integer, so both are refused here.
+int64_t intField(const nlohmann::json& j, const char* key, int64_t fallback, int64_t lo,
+                 int64_t hi) {
+  auto it = j.find(key);
+  if (it == j.end()) {
+    return fallback;
+  }
+  if (!it->is_number_integer()) {
+    throw std::invalid_argument(fmt::format("{} is not an integer", key));
+  }
+  if (it->is_number_unsigned() ? it->get<uint64_t>() > static_cast<uint64_t>(hi)
+                               : (it->get<int64_t>() < lo || it->get<int64_t>() > hi)) {
+    throw std::invalid_argument(fmt::format("{} is out of range [{}, {}]", key, lo, hi));
+  }
+  return it->get<int64_t>();
+}
+
+}  // namespace
+
 Result<ExecRequest> decodeStart(std::string_view payload) {
   // nlohmann throws on type mismatches; this adapter is the only place that calls it here.
   try {
@@ -66,14 +92,17 @@ Result<ExecRequest> decodeStart(std::string_view payload) {
     r.cwd = j.value("cwd", "");
     r.user = j.value("user", "");
     r.tty = j.value("tty", false);
-    r.rows = j.value("rows", uint16_t{24});
-    r.cols = j.value("cols", uint16_t{80});
-    r.kill_grace_seconds = j.value("kill_grace_seconds", uint32_t{5});
+    r.rows = static_cast<uint16_t>(intField(j, "rows", 24, 0, UINT16_MAX));
+    r.cols = static_cast<uint16_t>(intField(j, "cols", 80, 0, UINT16_MAX));
+    r.kill_grace_seconds =
+        static_cast<uint32_t>(intField(j, "kill_grace_seconds", 5, 0, UINT32_MAX));
     if (r.argv.empty() || r.argv[0].empty()) {
       return makeError(bad("Start needs a non-empty argv"));
     }
     return r;
   } catch (const nlohmann::json::exception& e) {
+    return makeError(bad(fmt::format("bad Start: {}", e.what())));
+  } catch (const std::invalid_argument& e) {
     return makeError(bad(fmt::format("bad Start: {}", e.what())));
   }
 }
@@ -101,11 +130,16 @@ Result<ExecExit> decodeExit(std::string_view payload) {
   try {
     nlohmann::json j = nlohmann::json::parse(payload);
     ExecExit e;
-    e.code = j.at("code").get<int>();
-    e.signal = j.value("signal", 0);
+    if (!j.contains("code")) {
+      return makeError(bad("bad Exit: no code"));
+    }
+    e.code = static_cast<int>(intField(j, "code", 0, INT32_MIN, INT32_MAX));
+    e.signal = static_cast<int>(intField(j, "signal", 0, 0, 128));
     e.error = j.value("error", "");
     return e;
   } catch (const nlohmann::json::exception& e) {
+    return makeError(bad(fmt::format("bad Exit: {}", e.what())));
+  } catch (const std::invalid_argument& e) {
     return makeError(bad(fmt::format("bad Exit: {}", e.what())));
   }
 }

@@ -57,3 +57,23 @@ TEST_CASE("bad exec messages are protocol errors") {
   std::string huge("\x05\xff\xff\xff\xff", 5);
   CHECK_FALSE(big.feed(huge).has_value());
 }
+
+TEST_CASE("exec payload numbers are integers in range, never cast blindly") {
+  // A guest's Exit with a huge float once reached nlohmann's float-to-int cast (undefined
+  // behaviour; found by the exec fuzz target).
+  CHECK_FALSE(matchlock::guestproto::decodeExit(R"({"code":118,"signal":9.3e37,"error":""})"));
+  CHECK_FALSE(matchlock::guestproto::decodeExit(R"({"code":1.5})"));
+  CHECK_FALSE(matchlock::guestproto::decodeExit(R"({"code":4294967296})"));
+  CHECK_FALSE(matchlock::guestproto::decodeExit(R"({"code":0,"signal":-1})"));
+  CHECK_FALSE(matchlock::guestproto::decodeExit(R"({"signal":9})"));
+  auto exit = matchlock::guestproto::decodeExit(R"({"code":137,"signal":9,"error":""})");
+  REQUIRE(exit.has_value());
+  CHECK(exit->code == 137);
+  CHECK(exit->signal == 9);
+  CHECK_FALSE(matchlock::guestproto::decodeStart(R"({"argv":["sh"],"rows":70000})"));
+  CHECK_FALSE(matchlock::guestproto::decodeStart(R"({"argv":["sh"],"cols":80.5})"));
+  auto start = matchlock::guestproto::decodeStart(R"({"argv":["sh"],"rows":50})");
+  REQUIRE(start.has_value());
+  CHECK(start->rows == 50);
+  CHECK(start->cols == 80);
+}
